@@ -1,0 +1,385 @@
+r"""Log importance weights of a NumPyro model/guide pair, one row per particle.
+
+This module is the one place that runs user code. Everything downstream
+(estimators, objectives, evaluators) receives plain arrays plus a static
+:class:`PlateStructure` describing how those arrays factorize.
+
+For particle :math:`k` the guide is run to draw :math:`z_k \sim q_\phi(z \mid x)`,
+the model is replayed against it, and every sample site's ``log_prob`` is
+reduced to the *independent plates*: the plates that enclose every sample site of
+the model and the guide (observed sites included). Along those plates the joint
+density factorizes, so the importance-weighted bound can be formed separately per
+plate element (Burda et al., 2016, applied per datapoint):
+
+.. math::
+
+    \log w_{k,n} = \sum_{s \in \text{model}} c_s \log p_s(\cdot)_n
+                  - \sum_{s \in \text{guide}} c_s \log q_s(\cdot)_n ,
+
+where :math:`n` indexes the independent plate elements, every other dimension of
+a site's ``log_prob`` is summed, and :math:`c_s` is the site's scale *without*
+the subsampling factor :math:`N/B` of the independent plates. That factor is
+returned separately (:attr:`PlateStructure.scale`) because it must multiply the
+bound *outside* the ``logsumexp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import math
+from typing import Any, NamedTuple
+import warnings
+
+import jax
+from jax import random
+import jax.numpy as jnp
+from numpyro.handlers import replay, seed, substitute, trace
+from numpyro.infer.util import _without_rsample_stop_gradient
+
+__all__ = [
+    "JointWeightsWarning",
+    "LARGE_PLATE_SIZE",
+    "LogWeights",
+    "PlateStructure",
+    "check_subsampling",
+    "log_weights",
+]
+
+#: A plate of at least this many elements over which the weights are joint
+#: (because some site lies outside it) triggers a :class:`JointWeightsWarning`.
+LARGE_PLATE_SIZE = 100
+
+Trace = dict[str, dict[str, Any]]
+VectorizeFn = Callable[[Callable, jax.Array], Any]
+
+
+class JointWeightsWarning(UserWarning):
+    """The importance weights are joint over a large plate.
+
+    Raised when some sample site lies outside a plate of at least
+    :data:`LARGE_PLATE_SIZE` elements, so the bound cannot be formed per plate
+    element. The joint bound is still a valid lower bound on ``log p(x)``, but
+    the benefit of importance weighting shrinks as the plate grows.
+    """
+
+
+@dataclass(frozen=True)
+class PlateStructure:
+    """Static description of how the log weights factorize.
+
+    Attributes:
+        names: the independent plates, i.e. the plates that enclose every sample
+            site of the model and of the guide, outermost first. The log weights
+            have one entry per element of these plates.
+        sizes: their (subsampled) sizes: the trailing shape of the log weights.
+        full_sizes: their sizes before subsampling.
+        joint_plates: ``{name: full size}`` of plates that enclose some sample
+            sites but not all; the weights are joint along them.
+        subsampled_joint_plates: the joint plates that are subsampled; for
+            ``K > 1`` they have no unbiased bound (see :func:`check_subsampling`).
+        nonreparam_sites: guide latent sites whose distribution has no
+            reparameterized sampler (e.g. ``Bernoulli``).
+        outside_sites: sample sites that lie outside some joint plate (for
+            error messages).
+
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    full_sizes: tuple[int, ...]
+    joint_plates: tuple[tuple[str, int], ...]
+    subsampled_joint_plates: tuple[str, ...]
+    nonreparam_sites: tuple[str, ...]
+    outside_sites: tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        r"""Subsampling factor :math:`\prod N/B` of the independent plates."""
+        return math.prod(n / b for n, b in zip(self.full_sizes, self.sizes))
+
+
+class LogWeights(NamedTuple):
+    """Per-particle log densities, reduced to the independent plates.
+
+    ``log_p`` and ``log_q`` have shape ``(K, *PlateStructure.sizes)``.
+    ``mutable_state`` holds the values of :func:`numpyro.mutable` sites with a
+    leading particle axis (``None`` when there are none).
+    """
+
+    log_p: jax.Array
+    log_q: jax.Array
+    mutable_state: dict[str, Any] | None
+
+    @property
+    def log_w(self) -> jax.Array:
+        """``log p - log q``; a NaN (a density evaluated outside its support) is
+        mapped to ``-inf``, i.e. weight zero.
+        """
+        log_w = self.log_p - self.log_q
+        return jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
+
+
+def _sample_sites(tr: Trace) -> dict[str, dict[str, Any]]:
+    # Sites are kept even when their value is empty: a ``numpyro.factor`` site
+    # has an empty value but a non-empty log density.
+    return {name: site for name, site in tr.items() if site["type"] == "sample"}
+
+
+def _is_latent(site: dict[str, Any]) -> bool:
+    return not site["is_observed"] and not site["infer"].get("is_auxiliary", False)
+
+
+def _check_sites(model_trace: Trace, guide_trace: Trace) -> None:
+    """Raise a ValueError unless every model latent is drawn by the guide and
+    every non-auxiliary guide site is a latent of the model, with matching shapes.
+    """
+    model_sites = _sample_sites(model_trace)
+    guide_sites = _sample_sites(guide_trace)
+    guide_latents = {n for n, s in guide_sites.items() if _is_latent(s)}
+    model_latents = {n for n, s in model_sites.items() if not s["is_observed"]}
+
+    missing = sorted(model_latents - guide_latents)
+    if missing:
+        raise ValueError(
+            f"Model latent site(s) {missing} are not sampled by the guide. IWELBO "
+            "needs the guide to propose every latent variable of the model; add "
+            "them to the guide (or use an AutoGuide)."
+        )
+    extra = sorted(guide_latents - set(model_sites))
+    if extra:
+        raise ValueError(
+            f"Guide sample site(s) {extra} do not appear in the model. Rename them "
+            "to match the model, or mark auxiliary variables with "
+            "infer={'is_auxiliary': True}."
+        )
+    observed = sorted(n for n in guide_latents if model_sites[n]["is_observed"])
+    if observed:
+        raise ValueError(
+            f"Site(s) {observed} are observed in the model but sampled in the guide; "
+            "remove them from the guide."
+        )
+    for name in sorted(guide_latents):
+        g_shape = jnp.shape(guide_sites[name]["value"])
+        m_shape = tuple(model_sites[name]["fn"].shape())
+        if g_shape != m_shape:
+            raise ValueError(
+                f"Model and guide shapes disagree at site '{name}': model "
+                f"{m_shape} vs guide {g_shape}. Check the plates and event dims "
+                "of that site in both."
+            )
+
+
+def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
+    sites = list(_sample_sites(model_trace).values()) + [
+        s for s in _sample_sites(guide_trace).values() if not s["is_observed"]
+    ]
+    if not sites:
+        raise ValueError("The model and guide have no sample sites.")
+
+    def full_size(name: str, fallback: int) -> int:
+        for tr in (model_trace, guide_trace):
+            if name in tr and tr[name]["type"] == "plate":
+                return int(tr[name]["args"][0])
+        return fallback
+
+    stacks = [{f.name: f for f in s["cond_indep_stack"]} for s in sites]
+    common = set.intersection(*(set(st) for st in stacks))
+    all_plates: dict[str, Any] = {}
+    for st in stacks:
+        all_plates.update(st)
+    # Order the independent plates as the model's first site does (outermost first).
+    ref = stacks[0]
+    names = tuple(sorted(common, key=lambda n: ref[n].dim))
+    sizes = tuple(int(ref[n].size) for n in names)
+    for st in stacks:
+        for n, size in zip(names, sizes):
+            if int(st[n].size) != size:
+                raise ValueError(
+                    f"Plate '{n}' has size {size} at one site and {st[n].size} at "
+                    "another; model and guide must subsample it identically."
+                )
+    joint = tuple(
+        sorted((n, full_size(n, int(f.size))) for n, f in all_plates.items() if n not in common)
+    )
+    subsampled_joint = tuple(
+        n
+        for n, f in sorted(all_plates.items())
+        if n not in common and full_size(n, int(f.size)) != int(f.size)
+    )
+    outside = tuple(
+        sorted({s["name"] for s, st in zip(sites, stacks) if set(all_plates) - set(st)})
+    )
+    nonreparam = tuple(
+        sorted(
+            n
+            for n, s in _sample_sites(guide_trace).items()
+            if not s["is_observed"] and not s["fn"].has_rsample
+        )
+    )
+    return PlateStructure(
+        names=names,
+        sizes=sizes,
+        full_sizes=tuple(full_size(n, b) for n, b in zip(names, sizes)),
+        joint_plates=joint,
+        subsampled_joint_plates=subsampled_joint,
+        nonreparam_sites=nonreparam,
+        outside_sites=outside,
+    )
+
+
+def _site_log_density(site: dict[str, Any], tr: Trace, structure: PlateStructure) -> jax.Array:
+    """``scale * log_prob`` of one site, summed onto the independent plates.
+
+    The subsampling factor of the independent plates is removed from the scale
+    (it is applied outside the logsumexp by the objective).
+    """
+    fn, value = site["fn"], site["value"]
+    if site["intermediates"]:
+        log_prob = fn.log_prob(value, site["intermediates"])
+    else:
+        log_prob = fn.log_prob(value)
+    frames = {f.name: f for f in site["cond_indep_stack"]}
+    scale = site["scale"]
+    if scale is not None:
+        plate_factor = 1.0
+        for name, full, sub in zip(structure.names, structure.full_sizes, structure.sizes):
+            if name in frames and full != sub:
+                plate_factor *= full / sub
+        log_prob = log_prob * (scale / plate_factor)
+
+    dims = [frames[name].dim for name in structure.names]
+    ndim = max([jnp.ndim(log_prob)] + [-d for d in dims])
+    log_prob = jnp.reshape(log_prob, (1,) * (ndim - jnp.ndim(log_prob)) + jnp.shape(log_prob))
+    keep = [ndim + d for d in dims]
+    summed = tuple(ax for ax in range(ndim) if ax not in keep)
+    log_prob = jnp.sum(log_prob, axis=summed, keepdims=True)
+    # Move the kept axes into the canonical order, then drop the summed ones.
+    log_prob = jnp.moveaxis(log_prob, keep, range(ndim - len(keep), ndim))
+    log_prob = jnp.reshape(log_prob, jnp.shape(log_prob)[ndim - len(keep) :])
+    return jnp.broadcast_to(log_prob, structure.sizes)
+
+
+def _trace_density(tr: Trace, structure: PlateStructure, *, guide: bool) -> jax.Array:
+    total = jnp.zeros(structure.sizes)
+    for site in _sample_sites(tr).values():
+        if guide and site["is_observed"]:
+            continue
+        total = total + _site_log_density(site, tr, structure)
+    return total
+
+
+def _mutable_values(tr: Trace) -> dict[str, Any]:
+    return {n: s["value"] for n, s in tr.items() if s["type"] == "mutable"}
+
+
+def trace_pair(
+    model: Callable,
+    guide: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    rng_key: jax.Array,
+) -> tuple[Trace, Trace]:
+    """Run the guide, then the model replayed against it, for one particle.
+
+    Gradients are stopped at values of guide sites without a reparameterized
+    sampler (as in NumPyro's ``Trace_ELBO``); mutable values found in the guide
+    are visible to the model.
+    """
+    model_key, guide_key = random.split(rng_key)
+    with _without_rsample_stop_gradient():
+        guide_trace = trace(substitute(seed(guide, guide_key), data=params)).get_trace(
+            *args, **kwargs
+        )
+    model_params = {**params, **_mutable_values(guide_trace)}
+    seeded_model = seed(replay(model, guide_trace), model_key)
+    model_trace = trace(substitute(seeded_model, data=model_params)).get_trace(*args, **kwargs)
+    return model_trace, guide_trace
+
+
+def log_weights(
+    model: Callable,
+    guide: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    rng_key: jax.Array,
+    num_particles: int,
+    vectorize: VectorizeFn,
+) -> tuple[LogWeights, PlateStructure]:
+    """Draw ``num_particles`` particles and return their log densities.
+
+    Every particle sees the same subsample of every subsampled plate (the plates
+    are seeded once, outside the particle map); latent values are drawn
+    independently per particle.
+
+    Args:
+        model, guide: NumPyro callables.
+        params: values for ``param`` (and ``mutable``) sites, constrained.
+        args, kwargs: passed to both model and guide.
+        rng_key: a JAX PRNG key.
+        num_particles: K, the number of particles.
+        vectorize: maps a function of one key over a batch of keys
+            (``jax.vmap``-like or ``jax.lax.map``-like).
+
+    Returns:
+        ``(LogWeights, PlateStructure)``.
+
+    """
+    plate_key, particle_key = random.split(rng_key)
+    hide = ["sample", "prng_key", "control_flow"]
+    model = seed(model, plate_key, hide_types=hide)
+    guide = seed(guide, plate_key, hide_types=hide)
+    captured: list[PlateStructure] = []
+
+    def one_particle(key: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        model_trace, guide_trace = trace_pair(model, guide, params, args, kwargs, key)
+        _check_sites(model_trace, guide_trace)
+        structure = _plate_structure(model_trace, guide_trace)
+        captured.append(structure)
+        log_p = _trace_density(model_trace, structure, guide=False)
+        log_q = _trace_density(guide_trace, structure, guide=True)
+        mutable = {**_mutable_values(guide_trace), **_mutable_values(model_trace)}
+        return log_p, log_q, mutable
+
+    keys = random.split(particle_key, num_particles)
+    log_p, log_q, mutable = vectorize(one_particle, keys)
+    if not captured:
+        raise RuntimeError(
+            "The particle vectorization function never called the per-particle "
+            "function; it must apply it to every key."
+        )
+    return LogWeights(log_p, log_q, mutable or None), captured[0]
+
+
+def check_subsampling(structure: PlateStructure, num_particles: int) -> None:
+    """Raise if the bound would be biased by subsampling; warn if it is joint
+    over a large plate.
+
+    A subsampled plate that does not enclose every sample site (e.g. a data plate
+    next to a global latent) cannot be scaled outside the ``logsumexp``, and
+    scaling inside it biases the bound for ``K > 1``. With ``K = 1`` the bound
+    is the ELBO, which is linear in the log weights, so scaling is unbiased.
+    """
+    if structure.subsampled_joint_plates and num_particles > 1:
+        raise ValueError(
+            f"Plate(s) {list(structure.subsampled_joint_plates)} are subsampled but do "
+            f"not enclose every sample site (sites outside: "
+            f"{list(structure.outside_sites)}). With global latent variables the "
+            "importance weights are joint over all data, and no unbiased "
+            "minibatch estimate of the K-particle bound exists (rescaling inside "
+            "the logsumexp is biased). Use the full data (no subsample_size), or "
+            "num_particles=1 (the ELBO), or move the global latents into the guide's "
+            "point estimates (numpyro.param)."
+        )
+    large = [(n, size) for n, size in structure.joint_plates if size >= LARGE_PLATE_SIZE]
+    if large and num_particles > 1:
+        warnings.warn(
+            f"The importance weights are joint over plate(s) {large} because "
+            f"site(s) {list(structure.outside_sites)} lie outside them. The bound is "
+            "valid but approaches the ELBO as the plate grows; the per-datapoint "
+            "bound needs every sample site inside the data plate.",
+            JointWeightsWarning,
+            stacklevel=3,
+        )
