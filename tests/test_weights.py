@@ -145,9 +145,10 @@ def test_same_subsample_for_every_particle():
     # particles see the same minibatch their weights agree to within the guide noise.
     x = jnp.arange(50.0)
     w, _ = weights(smodel, sguide, x, k=16)
-    # (log p is about -x^2 / 2, so another minibatch would move it by hundreds.)
+    # (log p is about -x^2 / 2: another minibatch would move it by hundreds, the
+    # guide noise by about |x| * 1e-3.)
     log_p = np.asarray(w.log_p)
-    assert np.all(np.ptp(log_p, axis=0) < 1e-4 * np.abs(log_p).max(axis=0))
+    assert np.all(np.ptp(log_p, axis=0) < 1e-3 * np.abs(log_p).max(axis=0))
 
 
 def test_nan_log_weight_is_weight_zero():
