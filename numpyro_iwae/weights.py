@@ -283,11 +283,13 @@ def trace_pair(
 ) -> tuple[Trace, Trace]:
     """Run the guide, then the model replayed against it, for one particle.
 
+    ``rng_key`` holds two keys, ``(model_key, guide_key)``.
+
     Gradients are stopped at values of guide sites without a reparameterized
     sampler (as in NumPyro's ``Trace_ELBO``); mutable values found in the guide
     are visible to the model.
     """
-    model_key, guide_key = random.split(rng_key)
+    model_key, guide_key = rng_key
     with _without_rsample_stop_gradient():
         guide_trace = trace(substitute(seed(guide, guide_key), data=params)).get_trace(
             *args, **kwargs
@@ -343,7 +345,8 @@ def log_weights(
         mutable = {**_mutable_values(guide_trace), **_mutable_values(model_trace)}
         return log_p, log_q, mutable
 
-    keys = random.split(particle_key, num_particles)
+    # One batched split gives every particle its (model, guide) key pair.
+    keys = random.split(particle_key, (num_particles, 2))
     log_p, log_q, mutable = vectorize(one_particle, keys)
     if not captured:
         raise RuntimeError(

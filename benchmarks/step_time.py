@@ -1,0 +1,278 @@
+"""Time one SVI step of IWELBO against NumPyro's RenyiELBO(alpha=0) and a hand-written
+JAX IWAE of the same network, side by side in one process.
+
+Workloads:
+  (a) the IWAE paper's VAE: 784-200-200-50 tanh encoder and decoder, Bernoulli
+      likelihood, batch 20 and 100, K = 1, 5, 50, synthetic binary data;
+  (b) Neal's funnel with a mean-field Normal guide, K = 1, 10, 100, 1000.
+
+Every method runs the same number of steps per timed chunk; chunks of the three
+methods are interleaved round by round (so drifts in machine speed hit all alike),
+and the median seconds per step over rounds is reported with the ratios.
+The machine's float32 matmul rate is measured in the same process.
+
+Run:  python benchmarks/step_time.py            (writes benchmarks/results.json)
+      python benchmarks/step_time.py --quick    (fewer rounds; a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+import platform
+import statistics
+import time
+
+import jax
+from jax.example_libraries import stax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer import SVI, RenyiELBO
+from numpyro.infer.autoguide import AutoNormal
+import optax
+
+from numpyro_iwae import IWELBO
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------- machine rate
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Measured float32 matrix-multiply rate, GFLOP/s (median of repeats)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+# ---------------------------------------------------------------- the VAE
+
+X_DIM, H_DIM, Z_DIM = 784, 200, 50
+
+
+def mlp(out_dim: int):
+    return stax.serial(
+        stax.Dense(H_DIM), stax.Tanh, stax.Dense(H_DIM), stax.Tanh, stax.Dense(out_dim)
+    )
+
+
+ENC_INIT, ENC_APPLY = mlp(2 * Z_DIM)
+DEC_INIT, DEC_APPLY = mlp(X_DIM)
+
+
+def vae_model(x):
+    decoder = numpyro.module("decoder", (DEC_INIT, DEC_APPLY), (1, Z_DIM))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([Z_DIM]).to_event(1))
+        numpyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+
+def vae_guide(x):
+    encoder = numpyro.module("encoder", (ENC_INIT, ENC_APPLY), (1, X_DIM))
+    h = encoder(x)
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("z", dist.Normal(h[:, :Z_DIM], jnp.exp(h[:, Z_DIM:])).to_event(1))
+
+
+def hand_vae_loss(params, key, x, k):
+    """-(IWAE bound), written directly in JAX: the reference implementation."""
+    h = ENC_APPLY(params["encoder"], x)
+    loc, log_scale = h[:, :Z_DIM], h[:, Z_DIM:]
+    eps = jax.random.normal(key, (k,) + loc.shape)
+    z = loc + jnp.exp(log_scale) * eps
+    # Decode all K * B particles as one matrix (faster than a 3-d input to Dense).
+    logits = DEC_APPLY(params["decoder"], z.reshape(-1, Z_DIM)).reshape(k, -1, X_DIM)
+    log_px = jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
+    log_pz = -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * Z_DIM * math.log(2 * math.pi)
+    log_qz = jnp.sum(-0.5 * eps**2 - log_scale, axis=-1) - 0.5 * Z_DIM * math.log(2 * math.pi)
+    log_w = log_px + log_pz - log_qz
+    return -jnp.sum(jax.nn.logsumexp(log_w, axis=0) - math.log(k))
+
+
+def vae_flops(batch: int, k: int) -> float:
+    """Matmul FLOPs of one step: forward plus backward (2x forward) passes."""
+    enc = batch * (X_DIM * H_DIM + H_DIM * H_DIM + H_DIM * 2 * Z_DIM)
+    dec = k * batch * (Z_DIM * H_DIM + H_DIM * H_DIM + H_DIM * X_DIM)
+    return 3 * 2 * (enc + dec)
+
+
+# ---------------------------------------------------------------- the funnel
+
+
+def funnel():
+    v = numpyro.sample("v", dist.Normal(0.0, 3.0))
+    with numpyro.plate("i", 9):
+        numpyro.sample("x", dist.Normal(0.0, jnp.exp(v / 2)))
+
+
+def hand_funnel_loss(params, key, k):
+    """-(IWAE bound) of the funnel under a mean-field Normal guide (as AutoNormal)."""
+    loc, scale = params["loc"], jax.nn.softplus(params["raw_scale"])
+    eps = jax.random.normal(key, (k, 10))
+    z = loc + scale * eps
+    v, x = z[:, 0], z[:, 1:]
+    log_p = jax.scipy.stats.norm.logpdf(v, 0.0, 3.0) + jnp.sum(
+        jax.scipy.stats.norm.logpdf(x, 0.0, jnp.exp(v / 2)[:, None]), axis=-1
+    )
+    log_q = jnp.sum(jax.scipy.stats.norm.logpdf(z, loc, scale), axis=-1)
+    return -(jax.nn.logsumexp(log_p - log_q) - math.log(k))
+
+
+# ---------------------------------------------------------------- steppers
+
+
+class Stepper:
+    """A step function and its state; ``run(n)`` takes n steps and blocks.
+
+    The n steps run inside one jitted ``lax.scan`` (as ``SVI.run`` does without a
+    progress bar), so the time is the step's computation, not Python dispatch.
+    """
+
+    def __init__(self, step, state):
+        self.state = state
+        self._chunks = {}
+        self._step = step
+
+    def _chunk(self, n: int):
+        if n not in self._chunks:
+
+            def chunk(state):
+                return jax.lax.scan(lambda s, _: self._step(s), state, None, length=n)
+
+            self._chunks[n] = jax.jit(chunk)
+        return self._chunks[n]
+
+    def run(self, n: int) -> None:
+        self.state, losses = self._chunk(n)(self.state)
+        jax.block_until_ready(losses)
+
+
+def svi_stepper(model, guide, elbo, *args):
+    svi = SVI(model, guide, optax.adam(1e-3), elbo)
+    state = svi.init(jax.random.key(0), *args)
+    return Stepper(lambda s: svi.update(s, *args), state)
+
+
+def hand_stepper(loss_fn, params, *args):
+    opt = optax.adam(1e-3)
+
+    def step(carry):
+        params, opt_state, key = carry
+        key, sub = jax.random.split(key)
+        loss, grads = jax.value_and_grad(loss_fn)(params, sub, *args)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, key), loss
+
+    return Stepper(step, (params, opt.init(params), jax.random.key(0)))
+
+
+def time_interleaved(steppers: dict[str, Stepper], rounds: int, target_s: float) -> dict:
+    """Median seconds per step for each stepper, chunks interleaved by round."""
+    probe = next(iter(steppers.values()))
+    probe.run(4)  # compile
+    t0 = time.perf_counter()
+    probe.run(4)
+    per = (time.perf_counter() - t0) / 4
+    n = max(1, int(target_s / max(per, 1e-7)))
+    for s in steppers.values():  # compile the timed chunk length and warm up
+        s.run(n)
+    samples = {name: [] for name in steppers}
+    names = list(steppers)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            steppers[name].run(n)
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def vae_case(batch: int, k: int, rounds: int, target_s: float) -> dict:
+    x = (jax.random.uniform(jax.random.key(1), (batch, X_DIM)) < 0.3).astype(jnp.float32)
+    _, enc = ENC_INIT(jax.random.key(2), (1, X_DIM))
+    _, dec = DEC_INIT(jax.random.key(3), (1, Z_DIM))
+    steppers = {
+        "iwelbo": svi_stepper(vae_model, vae_guide, IWELBO(k), x),
+        "renyi": svi_stepper(vae_model, vae_guide, RenyiELBO(alpha=0, num_particles=k), x),
+        "hand": hand_stepper(
+            lambda p, key, x: hand_vae_loss(p, key, x, k), {"encoder": enc, "decoder": dec}, x
+        ),
+    }
+    return time_interleaved(steppers, rounds, target_s)
+
+
+def funnel_case(k: int, rounds: int, target_s: float) -> dict:
+    params = {"loc": jnp.zeros(10), "raw_scale": jnp.full(10, math.log(math.expm1(0.1)))}
+    steppers = {
+        "iwelbo": svi_stepper(funnel, AutoNormal(funnel), IWELBO(k)),
+        "renyi": svi_stepper(funnel, AutoNormal(funnel), RenyiELBO(alpha=0, num_particles=k)),
+        "hand": hand_stepper(lambda p, key: hand_funnel_loss(p, key, k), params),
+    }
+    return time_interleaved(steppers, rounds, target_s)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of short chunks")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args(argv)
+    rounds, target = (3, 0.05) if args.quick else (args.rounds, 0.4)
+
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "numpyro": numpyro.__version__,
+        "matmul_gflops": matmul_gflops(),
+    }
+    print(f"float32 matmul rate: {machine['matmul_gflops']:.1f} GFLOP/s on {machine['device']}")
+    rows = []
+    for batch in (20, 100):
+        for k in (1, 5, 50):
+            t = vae_case(batch, k, rounds, target)
+            gflops = vae_flops(batch, k) / t["iwelbo"] / 1e9
+            rows.append(
+                {
+                    "workload": "vae",
+                    "batch": batch,
+                    "k": k,
+                    **t,
+                    "iwelbo_gflops": gflops,
+                    "matmul_fraction": gflops / machine["matmul_gflops"],
+                }
+            )
+            print(f"vae batch={batch:<4} K={k:<4} " + report(t) + f"  {gflops:.1f} GFLOP/s")
+    for k in (1, 10, 100, 1000):
+        t = funnel_case(k, rounds, target)
+        rows.append({"workload": "funnel", "batch": None, "k": k, **t})
+        print(f"funnel          K={k:<4} " + report(t))
+    result = {"machine": machine, "rounds": rounds, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+def report(t: dict) -> str:
+    return (
+        f"iwelbo {t['iwelbo'] * 1e3:8.3f} ms  renyi {t['renyi'] * 1e3:8.3f} ms  "
+        f"hand {t['hand'] * 1e3:8.3f} ms  iwelbo/hand {t['iwelbo'] / t['hand']:.3f}  "
+        f"iwelbo/renyi {t['iwelbo'] / t['renyi']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
