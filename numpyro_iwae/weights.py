@@ -347,7 +347,10 @@ def log_weights(
 
     # One batched split gives every particle its (model, guide) key pair.
     keys = random.split(particle_key, (num_particles, 2))
-    log_p, log_q, mutable = vectorize(one_particle, keys)
+    if num_particles == 1:  # no particle map: avoids batch-of-one layout work
+        log_p, log_q, mutable = jax.tree.map(lambda v: v[None], one_particle(keys[0]))
+    else:
+        log_p, log_q, mutable = vectorize(one_particle, keys)
     if not captured:
         raise RuntimeError(
             "The particle vectorization function never called the per-particle "
