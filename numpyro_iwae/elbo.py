@@ -10,14 +10,18 @@ import jax
 import jax.numpy as jnp
 from numpyro.infer.elbo import ELBO
 
-from numpyro_iwae.estimators import iwae_bound
-from numpyro_iwae.weights import check_subsampling, log_weights
+from numpyro_iwae.estimators import (
+    dreg_log_weights,
+    iwae_bound,
+    nan_to_neginf,
+    with_score_terms,
+)
+from numpyro_iwae.weights import check_subsampling, draw_particles
 
 __all__ = ["IWELBO", "GRADIENT_ESTIMATORS"]
 
 #: The accepted values of ``IWELBO(gradient_estimator=...)``.
 GRADIENT_ESTIMATORS = ("reparam", "stl", "dreg")
-_IMPLEMENTED = ("reparam",)
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -74,11 +78,25 @@ class IWELBO(ELBO):
     particle sees the same minibatch.
 
     :param num_particles: K, the number of importance samples per plate element.
-    :param gradient_estimator: how guide parameters are differentiated:
-        ``"reparam"`` (the total derivative of the bound, Burda et al. 2016).
-        ``"stl"`` and ``"dreg"`` are reserved for the next release. Model
-        parameters always receive the IWAE gradient
-        :math:`\sum_k \tilde w_k \nabla_\theta \log w_k`.
+    :param gradient_estimator: how the guide's parameters :math:`\phi` are
+        differentiated through reparameterized sites:
+
+        - ``"reparam"``: :math:`\sum_k \tilde w_k \nabla_\phi \log w_k`, the total
+          derivative of the bound (Burda et al., 2016);
+        - ``"stl"``: :math:`\sum_k \tilde w_k \frac{\partial \log w_k}{\partial z_k}
+          \frac{\partial z_k}{\partial\phi}` with :math:`\log q` at
+          ``stop_gradient`` parameters (Roeder, Wu & Duvenaud, 2017, *Sticking the
+          Landing*); lower variance, biased for ``K > 1``;
+        - ``"dreg"``: :math:`\sum_k \tilde w_k^2 \frac{\partial \log w_k}{\partial
+          z_k} \frac{\partial z_k}{\partial\phi}` (Tucker et al., 2019); unbiased
+          for the same gradient as ``"reparam"`` and its signal-to-noise ratio
+          does not vanish as K grows. Costs one forward and one backward pass.
+
+        Model parameters :math:`\theta` (those the guide does not use) always
+        receive the IWAE gradient :math:`\sum_k \tilde w_k \nabla_\theta \log w_k`.
+        A parameter used by both model and guide gets the IWAE gradient for its
+        use in the model plus the chosen estimator's gradient for its use in
+        the guide.
     :param vectorize_particles: ``True`` for :func:`jax.vmap`, ``False`` for
         :func:`jax.lax.map` (less memory, slower), or a callable
         ``f(fn, keys)`` as in :class:`numpyro.infer.elbo.ELBO`.
@@ -92,8 +110,13 @@ class IWELBO(ELBO):
     of a plate element has weight zero, the bound is ``-inf`` and the loss
     ``+inf``, never NaN; that element contributes no gradient.
 
-    Guide sites without a reparameterized sampler (discrete latents) raise
-    :class:`NotImplementedError` for now.
+    **Discrete latents.** Guide sites without a reparameterized sampler
+    (``Bernoulli``, ``Categorical``, ...) get the VIMCO score-function term with
+    leave-one-out baselines (Mnih & Rezende, 2016; see
+    :func:`~numpyro_iwae.estimators.vimco_learning_signal`) on top of the pathwise
+    gradient of the other sites; with ``K = 1`` it is the plain score-function
+    estimator, without a baseline. ``"stl"`` and ``"dreg"`` change only the
+    reparameterized sites.
 
     Example:
         >>> import jax, optax, numpyro, numpyro.distributions as dist
@@ -111,7 +134,7 @@ class IWELBO(ELBO):
 
     """
 
-    can_infer_discrete = False
+    can_infer_discrete = True
 
     def __init__(
         self,
@@ -125,10 +148,6 @@ class IWELBO(ELBO):
             raise ValueError(
                 f"`gradient_estimator` must be one of {GRADIENT_ESTIMATORS}, got "
                 f"{gradient_estimator!r}."
-            )
-        if gradient_estimator not in _IMPLEMENTED:
-            raise NotImplementedError(
-                f"gradient_estimator={gradient_estimator!r} is not implemented yet; use 'reparam'."
             )
         if not (isinstance(vectorize_particles, bool) or callable(vectorize_particles)):
             raise TypeError(
@@ -163,7 +182,7 @@ class IWELBO(ELBO):
         :param kwargs: keyword arguments of model and guide.
         :return: ``{"loss": scalar, "mutable_state": dict or None}``.
         """
-        weights, structure = log_weights(
+        draw, model_fn, structure = draw_particles(
             model,
             guide,
             param_map,
@@ -174,12 +193,22 @@ class IWELBO(ELBO):
             self.vectorize_particles_fn,
         )
         check_subsampling(structure, self.num_particles)
-        if structure.nonreparam_sites:
-            raise NotImplementedError(
-                f"Guide site(s) {list(structure.nonreparam_sites)} have no "
-                "reparameterized sampler (discrete latents). Their gradient needs a "
-                "score-function estimator (VIMCO), which IWELBO does not provide yet; "
-                "marginalize them out in the model or use TraceGraph_ELBO."
+        if self.gradient_estimator == "dreg":
+            log_w, mutable = dreg_log_weights(
+                model_fn,
+                draw.values,
+                param_map,
+                draw.log_q_rep_path,
+                draw.log_q_score,
+                structure.value_axes,
             )
-        bound = structure.scale * jnp.sum(iwae_bound(weights.log_w))
-        return {"loss": -bound, "mutable_state": _average_particles(weights.mutable_state)}
+        else:
+            log_p, mutable = model_fn(draw.values, param_map)
+            log_q_rep = draw.log_q_rep_path if self.gradient_estimator == "stl" else draw.log_q_rep
+            log_w = log_p - log_q_rep - draw.log_q_score
+        log_w = nan_to_neginf(log_w)
+        per_element = iwae_bound(log_w)
+        if structure.nonreparam_sites:
+            per_element = with_score_terms(per_element, log_w, draw.log_q_score)
+        bound = structure.scale * jnp.sum(per_element)
+        return {"loss": -bound, "mutable_state": _average_particles(mutable or None)}

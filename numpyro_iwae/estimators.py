@@ -7,12 +7,21 @@ Nothing here knows about NumPyro.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["iwae_bound", "normalized_weights"]
+__all__ = [
+    "dreg_log_weights",
+    "iwae_bound",
+    "nan_to_neginf",
+    "normalized_weights",
+    "vimco_learning_signal",
+    "with_score_terms",
+]
 
 
 def _safe_logsumexp(log_w: jax.Array) -> jax.Array:
@@ -74,3 +83,157 @@ def normalized_weights(log_w: jax.Array) -> jax.Array:
     lse = _safe_logsumexp(log_w)
     dead = jnp.isneginf(lse)
     return jnp.where(dead, 0.0, jnp.exp(log_w - jnp.where(dead, 0.0, lse)))
+
+
+def nan_to_neginf(log_w: jax.Array) -> jax.Array:
+    """Map NaN log weights to ``-inf``: weight zero (a density evaluated outside
+    its support).
+    """
+    return jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
+
+
+def _plate_broadcast(weights: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
+    """Lay ``weights`` of shape ``(K, *plate_sizes)`` out against a value of shape
+    ``(K, *value_shape)`` whose plate axes are ``axes`` (in plate order).
+    """
+    order = sorted(range(len(axes)), key=lambda i: axes[i])
+    moved = jnp.transpose(weights, (0, *(1 + i for i in order)))
+    shape = [weights.shape[0]] + [1] * ndim
+    for i in order:
+        shape[1 + axes[i]] = weights.shape[1 + i]
+    return jnp.reshape(moved, shape)
+
+
+def dreg_log_weights(
+    log_p_fn: Callable[[dict[str, jax.Array], Any], tuple[jax.Array, Any]],
+    values: dict[str, jax.Array],
+    params: Any,
+    log_q_path: jax.Array,
+    log_q_score: jax.Array,
+    value_axes: tuple[tuple[str, int, tuple[int, ...]], ...],
+) -> tuple[jax.Array, Any]:
+    r"""Log weights whose gradient gives the doubly reparameterized estimator.
+
+    Returns ``log_w = log_p_fn(values, params)[0] - log_q_path - log_q_score`` (and
+    ``log_p_fn``'s auxiliary output) with a custom backward pass: a cotangent
+    :math:`g_k` reaching :math:`\log w_k` flows to ``params`` and ``log_q_score``
+    unchanged, and to ``values`` and ``log_q_path`` multiplied by
+    :math:`\tilde w_k`. Under :func:`iwae_bound`, :math:`g_k = \tilde w_k`, so the
+    guide's reparameterized parameters :math:`\phi` receive
+
+    .. math::
+
+        \sum_k \tilde w_k^2 \, \frac{\partial \log w_k}{\partial z_k}
+        rac{\partial z_k}{\partial \phi}
+
+    (Tucker, Lawson, Gu & Maddison, 2019, *Doubly Reparameterized Gradient
+    Estimators for Monte Carlo Objectives*, ICLR, eq. 7), with ``log_q_path``
+    evaluated at ``stop_gradient`` parameters; model parameters keep the IWAE
+    weights :math:`\tilde w_k`. One forward and one backward pass of the model.
+
+    Args:
+        log_p_fn: ``(values, params) -> (log_p, aux)``, ``log_p`` of shape
+            ``(K, *plates)``.
+        values: latent values, each ``(K, *value_shape)``, carrying their path
+            to the guide's parameters.
+        params: differentiable parameters of ``log_p_fn`` (a pytree).
+        log_q_path: guide log density of the reparameterized sites at stopped
+            parameters, ``(K, *plates)``.
+        log_q_score: guide log density of the other sites, ``(K, *plates)``.
+        value_axes: ``(name, ndim, plate axes)`` per value, as in
+            :attr:`numpyro_iwae.weights.PlateStructure.value_axes`.
+
+    """
+    converted, consts = jax.closure_convert(log_p_fn, values, params)
+    axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
+
+    def log_w_of(values, params, log_q_path, log_q_score, *consts):
+        log_p, aux = converted(values, params, *consts)
+        return log_p - log_q_path - log_q_score, aux
+
+    @jax.custom_vjp
+    def log_w_fn(values, params, log_q_path, log_q_score, *consts):
+        return log_w_of(values, params, log_q_path, log_q_score, *consts)
+
+    def fwd(values, params, log_q_path, log_q_score, *consts):
+        out, vjp = jax.vjp(log_w_of, values, params, log_q_path, log_q_score, *consts)
+        return out, (vjp, normalized_weights(nan_to_neginf(out[0])))
+
+    def bwd(res, cotangent):
+        vjp, w = res
+        g_log_w, g_aux = cotangent
+        g_values, g_params, _, g_score, *g_consts = vjp((g_log_w, g_aux))
+        # The values' cotangent is the sum over the particle's plate elements; each
+        # element's share is scaled by that element's weight. Values that live
+        # outside every independent plate take the element-free weight.
+        scaled = {}
+        for name, g in g_values.items():
+            if g.dtype == jax.dtypes.float0:  # integer values: no cotangent
+                scaled[name] = g
+                continue
+            ndim, ax = axes[name]
+            scaled[name] = g * _plate_broadcast(w, ndim, ax).astype(g.dtype)
+        return (scaled, g_params, -g_log_w * w, g_score, *g_consts)
+
+    log_w_fn.defvjp(fwd, bwd)
+    return log_w_fn(values, params, log_q_path, log_q_score, *consts)
+
+
+def vimco_learning_signal(log_w: jax.Array) -> jax.Array:
+    r"""VIMCO's per-particle learning signal with leave-one-out baselines.
+
+    .. math::
+
+        \ell_j = \hat L - \log \frac1K \Big(\sum_{i \ne j} w_i + \hat w_{-j}\Big),
+        \qquad \hat w_{-j} = \exp\Big(\frac{1}{K-1} \sum_{i \ne j} \log w_i\Big),
+
+    where :math:`\hat L = \log \frac1K \sum_i w_i` (Mnih & Rezende, 2016,
+    *Variational Inference for Monte Carlo Objectives*, ICML, eqs. 9-10). Each
+    :math:`\ell_j` multiplies :math:`\nabla_\phi \log q(z_j)` in
+    the gradient.
+    With ``K = 1`` there is no other particle to form a baseline, and the signal
+    is :math:`\hat L` itself (the plain score-function estimator). Non-finite
+    signals (a particle of weight zero) are set to zero. The leave-one-out sums
+    are formed exactly, at O(K^2) memory per plate element.
+
+    Args:
+        log_w: ``(K, *plate_shape)``.
+
+    Returns:
+        ``(K, *plate_shape)``, to be used under ``stop_gradient``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro_iwae.estimators import vimco_learning_signal
+        >>> vimco_learning_signal(jnp.zeros(4)).tolist()  # equal weights: no signal
+        [0.0, 0.0, 0.0, 0.0]
+
+    """
+    k = log_w.shape[0]
+    bound = iwae_bound(log_w)
+    if k == 1:
+        signal = jnp.broadcast_to(bound, log_w.shape)
+    else:
+        mean_others = (jnp.sum(log_w, axis=0) - log_w) / (k - 1)
+        # For each j, the K log weights with the j-th replaced by mean_others[j].
+        eye = jnp.eye(k, dtype=bool).reshape((k, k) + (1,) * (log_w.ndim - 1))
+        loo = jnp.where(eye, mean_others[:, None], log_w[None])
+        signal = bound - (jax.nn.logsumexp(loo, axis=1) - math.log(k))
+    return jnp.where(jnp.isfinite(signal), signal, 0.0)
+
+
+def with_score_terms(bound: jax.Array, log_w: jax.Array, log_q_score: jax.Array) -> jax.Array:
+    r"""Add VIMCO's score-function terms to a per-element bound without changing
+    its value: ``bound + sum_k sg(l_k) (log q_k - sg(log q_k))`` with the learning
+    signals :math:`\ell` of :func:`vimco_learning_signal` computed from ``log_w``.
+
+    Args:
+        bound: ``plate_shape``, the bound whose gradient holds the pathwise part.
+        log_w: ``(K, *plate_shape)``.
+        log_q_score: ``(K, *plate_shape)``, the log density of the guide sites
+            without a reparameterized sampler, live parameters.
+
+    """
+    signal = jax.lax.stop_gradient(vimco_learning_signal(log_w))
+    centred = log_q_score - jax.lax.stop_gradient(log_q_score)
+    return bound + jnp.sum(signal * centred, axis=0)

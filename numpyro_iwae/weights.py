@@ -34,16 +34,22 @@ import warnings
 import jax
 from jax import random
 import jax.numpy as jnp
+from numpyro.distributions import Delta
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
 
+from numpyro_iwae.estimators import nan_to_neginf
+
 __all__ = [
+    "GuideDraw",
     "JointWeightsWarning",
     "LARGE_PLATE_SIZE",
     "LogWeights",
     "PlateStructure",
     "check_subsampling",
+    "draw_particles",
     "log_weights",
+    "plan",
 ]
 
 #: A plate of at least this many elements over which the weights are joint
@@ -92,6 +98,7 @@ class PlateStructure:
     subsampled_joint_plates: tuple[str, ...]
     nonreparam_sites: tuple[str, ...]
     outside_sites: tuple[str, ...]
+    value_axes: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
 
     @property
     def scale(self) -> float:
@@ -102,22 +109,53 @@ class PlateStructure:
 class LogWeights(NamedTuple):
     """Per-particle log densities, reduced to the independent plates.
 
-    ``log_p`` and ``log_q`` have shape ``(K, *PlateStructure.sizes)``.
-    ``mutable_state`` holds the values of :func:`numpyro.mutable` sites with a
-    leading particle axis (``None`` when there are none).
+    Every array has shape ``(K, *PlateStructure.sizes)``. The guide density is kept
+    in three parts so each gradient estimator can take what it needs:
+
+    - ``log_q_rep``: guide sites with a reparameterized sampler, live parameters;
+    - ``log_q_rep_path``: the same sites with the distributions' parameters under
+      ``stop_gradient`` (the sampled values keep their path to the parameters), as
+      STL and DReG need; equal in value to ``log_q_rep``;
+    - ``log_q_score``: sites without a reparameterized sampler (their values carry
+      no gradient), live parameters: the score-function part.
+
+    ``mutable_state`` holds the values of ``mutable`` sites with a leading particle
+    axis (``None`` when there are none).
     """
 
     log_p: jax.Array
-    log_q: jax.Array
+    log_q_rep: jax.Array
+    log_q_rep_path: jax.Array
+    log_q_score: jax.Array
     mutable_state: dict[str, Any] | None
+
+    @property
+    def log_q(self) -> jax.Array:
+        """``log q`` of every guide site, live parameters."""
+        return self.log_q_rep + self.log_q_score
 
     @property
     def log_w(self) -> jax.Array:
         """``log p - log q``; a NaN (a density evaluated outside its support) is
         mapped to ``-inf``, i.e. weight zero.
         """
-        log_w = self.log_p - self.log_q
-        return jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
+        return nan_to_neginf(self.log_p - self.log_q)
+
+
+class GuideDraw(NamedTuple):
+    """The guide's side of K particles, each array with a leading particle axis.
+
+    ``values`` are the latent values the model is replayed against, ``plates`` the
+    subsample indices of the guide's plates, and the ``log_q_*`` parts are as in
+    :class:`LogWeights`.
+    """
+
+    values: dict[str, jax.Array]
+    plates: dict[str, jax.Array]
+    log_q_rep: jax.Array
+    log_q_rep_path: jax.Array
+    log_q_score: jax.Array
+    mutable_state: dict[str, Any]
 
 
 def _sample_sites(tr: Trace) -> dict[str, dict[str, Any]]:
@@ -217,7 +255,16 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
             if not s["is_observed"] and not s["fn"].has_rsample
         )
     )
+    value_axes = []
+    for name, site in sorted(_sample_sites(guide_trace).items()):
+        if site["is_observed"] or not _is_latent(site):
+            continue
+        ndim = jnp.ndim(site["value"])
+        batch_ndim = ndim - site["fn"].event_dim
+        frames = {f.name: f for f in site["cond_indep_stack"]}
+        value_axes.append((name, ndim, tuple(batch_ndim + frames[n].dim for n in names)))
     return PlateStructure(
+        value_axes=tuple(value_axes),
         names=names,
         sizes=sizes,
         full_sizes=tuple(full_size(n, b) for n, b in zip(names, sizes)),
@@ -228,7 +275,7 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
     )
 
 
-def _site_log_density(site: dict[str, Any], tr: Trace, structure: PlateStructure) -> jax.Array:
+def _site_log_density(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
     """``scale * log_prob`` of one site, summed onto the independent plates.
 
     The subsampling factor of the independent plates is removed from the scale
@@ -260,17 +307,19 @@ def _site_log_density(site: dict[str, Any], tr: Trace, structure: PlateStructure
     return jnp.broadcast_to(log_prob, structure.sizes)
 
 
-def _trace_density(tr: Trace, structure: PlateStructure, *, guide: bool) -> jax.Array:
-    total = jnp.zeros(structure.sizes)
-    for site in _sample_sites(tr).values():
-        if guide and site["is_observed"]:
-            continue
-        total = total + _site_log_density(site, tr, structure)
-    return total
-
-
 def _mutable_values(tr: Trace) -> dict[str, Any]:
     return {n: s["value"] for n, s in tr.items() if s["type"] == "mutable"}
+
+
+def _stop_parameters(fn: Any) -> Any:
+    """The distribution with its parameters under ``stop_gradient``.
+
+    ``Delta`` sites are left alone: autoguides use them to deliver a transform of
+    an upstream sample (value and log-Jacobian), which is the sample path itself.
+    """
+    if isinstance(fn, Delta):
+        return fn
+    return jax.tree.map(jax.lax.stop_gradient, fn)
 
 
 def trace_pair(
@@ -283,21 +332,136 @@ def trace_pair(
 ) -> tuple[Trace, Trace]:
     """Run the guide, then the model replayed against it, for one particle.
 
-    ``rng_key`` holds two keys, ``(model_key, guide_key)``.
-
-    Gradients are stopped at values of guide sites without a reparameterized
-    sampler (as in NumPyro's ``Trace_ELBO``); mutable values found in the guide
-    are visible to the model.
+    ``rng_key`` holds two keys, ``(model_key, guide_key)``. Gradients are stopped
+    at values of guide sites without a reparameterized sampler (as in NumPyro's
+    ``Trace_ELBO``); mutable values found in the guide are visible to the model.
     """
     model_key, guide_key = rng_key
-    with _without_rsample_stop_gradient():
-        guide_trace = trace(substitute(seed(guide, guide_key), data=params)).get_trace(
-            *args, **kwargs
-        )
+    guide_trace = _trace_guide(guide, params, args, kwargs, guide_key)
     model_params = {**params, **_mutable_values(guide_trace)}
     seeded_model = seed(replay(model, guide_trace), model_key)
     model_trace = trace(substitute(seeded_model, data=model_params)).get_trace(*args, **kwargs)
     return model_trace, guide_trace
+
+
+def _trace_guide(guide: Callable, params: dict, args: tuple, kwargs: dict, key) -> Trace:
+    with _without_rsample_stop_gradient():
+        return trace(substitute(seed(guide, key), data=params)).get_trace(*args, **kwargs)
+
+
+def _guide_stage(
+    guide: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    key: jax.Array,
+    structure: PlateStructure,
+) -> GuideDraw:
+    """One particle's guide draw: values for the model and the parts of ``log q``."""
+    tr = _trace_guide(guide, params, args, kwargs, key)
+    zeros = jnp.zeros(structure.sizes)
+    rep, rep_path, score = zeros, zeros, zeros
+    values = {}
+    for name, site in _sample_sites(tr).items():
+        if site["is_observed"]:
+            continue
+        if _is_latent(site):
+            values[name] = site["value"]
+        if site["fn"].has_rsample:
+            rep = rep + _site_log_density(site, structure)
+            path_site = {**site, "fn": _stop_parameters(site["fn"])}
+            rep_path = rep_path + _site_log_density(path_site, structure)
+        else:
+            score = score + _site_log_density(site, structure)
+    plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}
+    return GuideDraw(values, plates, rep, rep_path, score, _mutable_values(tr))
+
+
+def _model_stage(
+    model: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    key: jax.Array,
+    structure: PlateStructure,
+    draw: GuideDraw,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """One particle's ``log p(x, z)`` with z from the guide draw, and mutable state."""
+    data = {**params, **draw.mutable_state, **draw.plates, **draw.values}
+    tr = trace(substitute(seed(model, key), data=data)).get_trace(*args, **kwargs)
+    log_p = jnp.zeros(structure.sizes)
+    for site in _sample_sites(tr).values():
+        log_p = log_p + _site_log_density(site, structure)
+    return log_p, {**draw.mutable_state, **_mutable_values(tr)}
+
+
+def plan(
+    model: Callable,
+    guide: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    rng_key: jax.Array,
+) -> PlateStructure:
+    """Trace one particle to check that model and guide match and to find the plate
+    structure; raises ``ValueError`` on a mismatch.
+
+    Under ``jit`` its outputs are unused, so XLA removes the computation; it is run
+    concretely (not under ``eval_shape``) so that eager models may index NumPy
+    arrays with subsample indices, as they may with ``Trace_ELBO``.
+    """
+    model_trace, guide_trace = trace_pair(model, guide, params, args, kwargs, rng_key)
+    _check_sites(model_trace, guide_trace)
+    return _plate_structure(model_trace, guide_trace)
+
+
+ModelFn = Callable[[dict[str, jax.Array], dict[str, Any]], tuple[jax.Array, Any]]
+
+
+def draw_particles(
+    model: Callable,
+    guide: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    rng_key: jax.Array,
+    num_particles: int,
+    vectorize: VectorizeFn,
+) -> tuple[GuideDraw, ModelFn, PlateStructure]:
+    """Draw K particles from the guide; return them with the model's log density
+    as a pure function of (latent values, params).
+
+    ``model_fn(values, params) -> (log_p, mutable_state)`` evaluates all K
+    particles; it closes over the model keys, minibatch and data, so an objective
+    can wrap it (e.g. in a ``custom_vjp``) without running user code twice.
+    """
+    plate_key, particle_key = random.split(rng_key)
+    hide = ["sample", "prng_key", "control_flow"]
+    model = seed(model, plate_key, hide_types=hide)
+    guide = seed(guide, plate_key, hide_types=hide)
+    # One batched split gives every particle its (model, guide) key pair.
+    keys = random.split(particle_key, (num_particles, 2))
+    structure = plan(model, guide, params, args, kwargs, keys[0])
+
+    def guide_stage(key: jax.Array) -> GuideDraw:
+        return _guide_stage(guide, params, args, kwargs, key, structure)
+
+    draw = _map_particles(vectorize, guide_stage, keys[:, 1])
+
+    def model_fn(values: dict[str, jax.Array], model_params: dict[str, Any]):
+        def one(inputs: tuple) -> tuple[jax.Array, dict[str, Any]]:
+            key, one_draw = inputs
+            return _model_stage(model, model_params, args, kwargs, key, structure, one_draw)
+
+        return _map_particles(vectorize, one, (keys[:, 0], draw._replace(values=values)))
+
+    return draw, model_fn, structure
+
+
+def _map_particles(vectorize: VectorizeFn, fn: Callable, xs: Any) -> Any:
+    if jax.tree.leaves(xs)[0].shape[0] == 1:  # no particle map: avoids batch-of-one work
+        return jax.tree.map(lambda v: v[None], fn(jax.tree.map(lambda v: v[0], xs)))
+    return vectorize(fn, xs)
 
 
 def log_weights(
@@ -322,41 +486,21 @@ def log_weights(
         args, kwargs: passed to both model and guide.
         rng_key: a JAX PRNG key.
         num_particles: K, the number of particles.
-        vectorize: maps a function of one key over a batch of keys
+        vectorize: maps a function over the leading axis of a pytree
             (``jax.vmap``-like or ``jax.lax.map``-like).
 
     Returns:
         ``(LogWeights, PlateStructure)``.
 
     """
-    plate_key, particle_key = random.split(rng_key)
-    hide = ["sample", "prng_key", "control_flow"]
-    model = seed(model, plate_key, hide_types=hide)
-    guide = seed(guide, plate_key, hide_types=hide)
-    captured: list[PlateStructure] = []
-
-    def one_particle(key: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-        model_trace, guide_trace = trace_pair(model, guide, params, args, kwargs, key)
-        _check_sites(model_trace, guide_trace)
-        structure = _plate_structure(model_trace, guide_trace)
-        captured.append(structure)
-        log_p = _trace_density(model_trace, structure, guide=False)
-        log_q = _trace_density(guide_trace, structure, guide=True)
-        mutable = {**_mutable_values(guide_trace), **_mutable_values(model_trace)}
-        return log_p, log_q, mutable
-
-    # One batched split gives every particle its (model, guide) key pair.
-    keys = random.split(particle_key, (num_particles, 2))
-    if num_particles == 1:  # no particle map: avoids batch-of-one layout work
-        log_p, log_q, mutable = jax.tree.map(lambda v: v[None], one_particle(keys[0]))
-    else:
-        log_p, log_q, mutable = vectorize(one_particle, keys)
-    if not captured:
-        raise RuntimeError(
-            "The particle vectorization function never called the per-particle "
-            "function; it must apply it to every key."
-        )
-    return LogWeights(log_p, log_q, mutable or None), captured[0]
+    draw, model_fn, structure = draw_particles(
+        model, guide, params, args, kwargs, rng_key, num_particles, vectorize
+    )
+    log_p, mutable = model_fn(draw.values, params)
+    weights = LogWeights(
+        log_p, draw.log_q_rep, draw.log_q_rep_path, draw.log_q_score, mutable or None
+    )
+    return weights, structure
 
 
 def check_subsampling(structure: PlateStructure, num_particles: int) -> None:

@@ -429,15 +429,26 @@ def test_guide_shape_mismatch():
         IWELBO(2).loss(jax.random.key(0), {}, model, guide)
 
 
-def test_discrete_guide_site_is_refused():
+def test_discrete_guide_site_bound_value_is_exact_at_exact_posterior():
+    # p(c) = Bernoulli(0.3), y | c ~ N(2c, 1): the guide q(c) = p(c | y) makes every
+    # weight equal p(y), whatever the discrete draws.
+    y = 0.8
+    lik = np.exp(
+        [float(dist.Normal(0.0, 1.0).log_prob(y)), float(dist.Normal(2.0, 1.0).log_prob(y))]
+    )
+    evidence = 0.7 * lik[0] + 0.3 * lik[1]
+    post = 0.3 * lik[1] / evidence
+
     def model():
-        numpyro.sample("c", dist.Bernoulli(0.3))
+        c = numpyro.sample("c", dist.Bernoulli(0.3))
+        numpyro.sample("y", dist.Normal(2.0 * c, 1.0), obs=y)
 
     def guide():
         numpyro.sample("c", dist.Bernoulli(numpyro.param("p", 0.5)))
 
-    with pytest.raises(NotImplementedError, match=r"\['c'\].*reparameterized"):
-        IWELBO(3).loss(jax.random.key(0), {"p": 0.5}, model, guide)
+    for k in (1, 5):
+        loss = IWELBO(k).loss(jax.random.key(0), {"p": post}, model, guide)
+        assert abs(-float(loss) - math.log(evidence)) < 1e-5
 
 
 def test_global_latent_with_subsampled_plate_is_an_error():
