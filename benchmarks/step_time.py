@@ -227,6 +227,8 @@ def vae_case(batch: int, k: int, rounds: int, target_s: float) -> dict:
     _, dec = DEC_INIT(jax.random.key(3), (1, Z_DIM))
     steppers = {
         "iwelbo": svi_stepper(vae_model, vae_guide, IWELBO(k), x),
+        "iwelbo_stl": svi_stepper(vae_model, vae_guide, IWELBO(k, gradient_estimator="stl"), x),
+        "iwelbo_dreg": svi_stepper(vae_model, vae_guide, IWELBO(k, gradient_estimator="dreg"), x),
         "renyi": svi_stepper(vae_model, vae_guide, RenyiELBO(alpha=0, num_particles=k), x),
         "hand": hand_stepper(
             lambda p, key, x: hand_vae_loss(p, key, x, k), {"encoder": enc, "decoder": dec}, x
@@ -308,6 +310,11 @@ def report(t: dict) -> str:
         f"hand {t['hand'] * 1e3:8.3f} ms  iwelbo/hand {t['iwelbo'] / t['hand']:.3f}  "
         f"iwelbo/renyi {t['iwelbo'] / t['renyi']:.3f}"
     )
+    if "iwelbo_dreg" in t:
+        line += (
+            f"  stl/reparam {t['iwelbo_stl'] / t['iwelbo']:.3f}"
+            f"  dreg/reparam {t['iwelbo_dreg'] / t['iwelbo']:.3f}"
+        )
     if "hand_numpyro_keys" in t:
         line += f"  iwelbo/hand_numpyro_keys {t['iwelbo'] / t['hand_numpyro_keys']:.3f}"
     return line
@@ -327,6 +334,7 @@ def markdown(result: dict) -> str:
         "| IWELBO GFLOP/s | of matmul rate |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    vae = [r for r in result["rows"] if r["workload"] == "vae"]
     for r in result["rows"]:
         if r["workload"] == "vae":
             out.append(
@@ -335,6 +343,20 @@ def markdown(result: dict) -> str:
                 f"| {r['iwelbo'] / r['renyi']:.3f} | {r['iwelbo_gflops']:.0f} "
                 f"| {100 * r['matmul_fraction']:.0f}% |"
             )
+    out += [
+        "",
+        "Gradient estimators on the same VAE, ms per SVI step (same interleaved rounds):",
+        "",
+        "| batch | K | reparam | STL | DReG | STL / reparam | DReG / reparam "
+        "| DReG / hand JAX IWAE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in vae:
+        out.append(
+            f"| {r['batch']} | {r['k']} | {r['iwelbo'] * 1e3:.3f} | {r['iwelbo_stl'] * 1e3:.3f} "
+            f"| {r['iwelbo_dreg'] * 1e3:.3f} | {r['iwelbo_stl'] / r['iwelbo']:.3f} "
+            f"| {r['iwelbo_dreg'] / r['iwelbo']:.3f} | {r['iwelbo_dreg'] / r['hand']:.3f} |"
+        )
     out += [
         "",
         "Funnel (mean-field Normal guide), microseconds per SVI step:",

@@ -25,3 +25,15 @@ def test_funnel_example_smoke(tmp_path, capsys):
         for mean, stderr in fit["bounds"].values():
             assert mean <= 4 * stderr  # a lower bound on log Z = 0
     assert "bound K=10" in capsys.readouterr().out
+
+
+def test_snr_example_smoke(tmp_path):
+    snr = load("snr")
+    argv = ["--ks", "1", "8", "--reps", "64", "--perturb", "0.05"]
+    rows = snr.main(argv + ["--out", str(tmp_path), "--no-progress"])
+    assert (tmp_path / "snr.png").stat().st_size > 0
+    assert {r["estimator"] for r in rows} == {"reparam", "stl", "dreg"}
+    # Same keys, same model gradient for every estimator.
+    by_k = {(r["k"], r["estimator"]): r["snr_model_mu"] for r in rows}
+    for k in (1, 8):
+        assert abs(by_k[(k, "dreg")] - by_k[(k, "reparam")]) < 1e-3 * by_k[(k, "reparam")]
