@@ -191,6 +191,7 @@ class IWELBO(ELBO):
             rng_key,
             self.num_particles,
             self.vectorize_particles_fn,
+            path=self.gradient_estimator in ("stl", "dreg"),
         )
         check_subsampling(structure, self.num_particles)
         if self.gradient_estimator == "dreg":

@@ -34,7 +34,6 @@ import warnings
 import jax
 from jax import random
 import jax.numpy as jnp
-from numpyro.distributions import Delta
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
 
@@ -113,9 +112,9 @@ class LogWeights(NamedTuple):
     in three parts so each gradient estimator can take what it needs:
 
     - ``log_q_rep``: guide sites with a reparameterized sampler, live parameters;
-    - ``log_q_rep_path``: the same sites with the distributions' parameters under
+    - ``log_q_rep_path``: the same sites with the guide's parameters under
       ``stop_gradient`` (the sampled values keep their path to the parameters), as
-      STL and DReG need; equal in value to ``log_q_rep``;
+      STL and DReG need; equal in value to ``log_q_rep`` up to rounding;
     - ``log_q_score``: sites without a reparameterized sampler (their values carry
       no gradient), live parameters: the score-function part.
 
@@ -125,7 +124,7 @@ class LogWeights(NamedTuple):
 
     log_p: jax.Array
     log_q_rep: jax.Array
-    log_q_rep_path: jax.Array
+    log_q_rep_path: jax.Array | None
     log_q_score: jax.Array
     mutable_state: dict[str, Any] | None
 
@@ -153,7 +152,7 @@ class GuideDraw(NamedTuple):
     values: dict[str, jax.Array]
     plates: dict[str, jax.Array]
     log_q_rep: jax.Array
-    log_q_rep_path: jax.Array
+    log_q_rep_path: jax.Array | None
     log_q_score: jax.Array
     mutable_state: dict[str, Any]
 
@@ -311,15 +310,43 @@ def _mutable_values(tr: Trace) -> dict[str, Any]:
     return {n: s["value"] for n, s in tr.items() if s["type"] == "mutable"}
 
 
-def _stop_parameters(fn: Any) -> Any:
-    """The distribution with its parameters under ``stop_gradient``.
+def _path_log_density(
+    guide: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    key: jax.Array,
+    tr: Trace,
+    structure: PlateStructure,
+) -> jax.Array:
+    """``log q`` of the reparameterized sites at ``stop_gradient(params)``, as a
+    function of the sampled values (which keep their path to the parameters).
 
-    ``Delta`` sites are left alone: autoguides use them to deliver a transform of
-    an upstream sample (value and log-Jacobian), which is the sample path itself.
+    The guide is run again with its parameters stopped and every sampled value
+    (and minibatch) substituted, so each distribution is rebuilt from stopped
+    parameters however it stores them (a flow's network, a closure), and each
+    density is evaluated at the value: through a transform's inverse rather than
+    through intermediates computed with live parameters. ``Delta`` sites that
+    carry a transform of an auxiliary sample recompute value and log-Jacobian
+    from the substituted sample, i.e. along its path.
     """
-    if isinstance(fn, Delta):
-        return fn
-    return jax.tree.map(jax.lax.stop_gradient, fn)
+    data = {n: s["value"] for n, s in tr.items() if s["type"] in ("sample", "plate")}
+    stopped = jax.tree.map(jax.lax.stop_gradient, params)
+    try:
+        rerun = trace(substitute(seed(guide, key), data={**stopped, **data})).get_trace(
+            *args, **kwargs
+        )
+        total = jnp.zeros(structure.sizes)
+        for site in _sample_sites(rerun).values():
+            if not site["is_observed"] and site["fn"].has_rsample:
+                total = total + _site_log_density({**site, "intermediates": []}, structure)
+    except NotImplementedError as err:
+        raise NotImplementedError(
+            "gradient_estimator 'stl'/'dreg' evaluates log q(z) at stopped parameters as a "
+            "function of z, through the inverse of each transform; a transform in this guide "
+            f"has none ({err}). Use gradient_estimator='reparam' for this guide."
+        ) from err
+    return total
 
 
 def trace_pair(
@@ -356,11 +383,14 @@ def _guide_stage(
     kwargs: dict[str, Any],
     key: jax.Array,
     structure: PlateStructure,
+    path: bool,
 ) -> GuideDraw:
-    """One particle's guide draw: values for the model and the parts of ``log q``."""
+    """One particle's guide draw: values for the model and the parts of ``log q``
+    (the stopped-parameter part only when ``path``).
+    """
     tr = _trace_guide(guide, params, args, kwargs, key)
     zeros = jnp.zeros(structure.sizes)
-    rep, rep_path, score = zeros, zeros, zeros
+    rep, score = zeros, zeros
     values = {}
     for name, site in _sample_sites(tr).items():
         if site["is_observed"]:
@@ -369,11 +399,10 @@ def _guide_stage(
             values[name] = site["value"]
         if site["fn"].has_rsample:
             rep = rep + _site_log_density(site, structure)
-            path_site = {**site, "fn": _stop_parameters(site["fn"])}
-            rep_path = rep_path + _site_log_density(path_site, structure)
         else:
             score = score + _site_log_density(site, structure)
     plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}
+    rep_path = _path_log_density(guide, params, args, kwargs, key, tr, structure) if path else None
     return GuideDraw(values, plates, rep, rep_path, score, _mutable_values(tr))
 
 
@@ -427,9 +456,14 @@ def draw_particles(
     rng_key: jax.Array,
     num_particles: int,
     vectorize: VectorizeFn,
+    *,
+    path: bool = False,
 ) -> tuple[GuideDraw, ModelFn, PlateStructure]:
     """Draw K particles from the guide; return them with the model's log density
     as a pure function of (latent values, params).
+
+    With ``path=True`` the draw also holds ``log_q_rep_path`` (``None``
+    otherwise), which costs a second, gradient-free pass of the guide.
 
     ``model_fn(values, params) -> (log_p, mutable_state)`` evaluates all K
     particles; it closes over the model keys, minibatch and data, so an objective
@@ -444,7 +478,7 @@ def draw_particles(
     structure = plan(model, guide, params, args, kwargs, keys[0])
 
     def guide_stage(key: jax.Array) -> GuideDraw:
-        return _guide_stage(guide, params, args, kwargs, key, structure)
+        return _guide_stage(guide, params, args, kwargs, key, structure, path)
 
     draw = _map_particles(vectorize, guide_stage, keys[:, 1])
 
@@ -494,7 +528,7 @@ def log_weights(
 
     """
     draw, model_fn, structure = draw_particles(
-        model, guide, params, args, kwargs, rng_key, num_particles, vectorize
+        model, guide, params, args, kwargs, rng_key, num_particles, vectorize, path=True
     )
     log_p, mutable = model_fn(draw.values, params)
     weights = LogWeights(
