@@ -3,11 +3,14 @@
 Public names:
 
 - :class:`IWELBO`: the importance-weighted bound as a NumPyro ``ELBO`` objective.
+- :class:`MarginalLikelihood`: ``log p(x)`` with many particles in bounded memory, with a
+  standard error, the effective sample size and the PSIS k-hat (:class:`LogMarginalEstimate`).
 - :class:`JointWeightsWarning`: issued when the weights are joint over a large plate.
 """
 
 from numpyro_iwae.elbo import IWELBO
+from numpyro_iwae.evidence import LogMarginalEstimate, MarginalLikelihood
 from numpyro_iwae.weights import JointWeightsWarning
 
-__all__ = ["IWELBO", "JointWeightsWarning"]
+__all__ = ["IWELBO", "JointWeightsWarning", "LogMarginalEstimate", "MarginalLikelihood"]
 __version__ = "0.1.0"

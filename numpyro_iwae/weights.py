@@ -47,8 +47,11 @@ __all__ = [
     "PlateStructure",
     "check_subsampling",
     "draw_particles",
+    "draw_with_keys",
     "log_weights",
     "plan",
+    "seed_plates",
+    "split_keys",
 ]
 
 #: A plate of at least this many elements over which the weights are joint
@@ -98,6 +101,7 @@ class PlateStructure:
     nonreparam_sites: tuple[str, ...]
     outside_sites: tuple[str, ...]
     value_axes: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    param_sites: tuple[str, ...] = ()
 
     @property
     def scale(self) -> float:
@@ -262,7 +266,13 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
         batch_ndim = ndim - site["fn"].event_dim
         frames = {f.name: f for f in site["cond_indep_stack"]}
         value_axes.append((name, ndim, tuple(batch_ndim + frames[n].dim for n in names)))
+    param_sites = tuple(
+        sorted(
+            {n for tr in (model_trace, guide_trace) for n, s in tr.items() if s["type"] == "param"}
+        )
+    )
     return PlateStructure(
+        param_sites=param_sites,
         value_axes=tuple(value_axes),
         names=names,
         sizes=sizes,
@@ -447,6 +457,23 @@ def plan(
 ModelFn = Callable[[dict[str, jax.Array], dict[str, Any]], tuple[jax.Array, Any]]
 
 
+def split_keys(rng_key: jax.Array, num_particles: int) -> tuple[jax.Array, jax.Array]:
+    """``(plate_key, particle_keys)``: one key that seeds every subsampled plate (so
+    all particles share a minibatch) and a ``(model, guide)`` key pair per particle,
+    from one batched split.
+    """
+    plate_key, particle_key = random.split(rng_key)
+    return plate_key, random.split(particle_key, (num_particles, 2))
+
+
+def seed_plates(
+    model: Callable, guide: Callable, plate_key: jax.Array
+) -> tuple[Callable, Callable]:
+    """Model and guide whose plates (only) are seeded with ``plate_key``."""
+    hide = ["sample", "prng_key", "control_flow"]
+    return seed(model, plate_key, hide_types=hide), seed(guide, plate_key, hide_types=hide)
+
+
 def draw_particles(
     model: Callable,
     guide: Callable,
@@ -469,13 +496,31 @@ def draw_particles(
     particles; it closes over the model keys, minibatch and data, so an objective
     can wrap it (e.g. in a ``custom_vjp``) without running user code twice.
     """
-    plate_key, particle_key = random.split(rng_key)
-    hide = ["sample", "prng_key", "control_flow"]
-    model = seed(model, plate_key, hide_types=hide)
-    guide = seed(guide, plate_key, hide_types=hide)
-    # One batched split gives every particle its (model, guide) key pair.
-    keys = random.split(particle_key, (num_particles, 2))
+    plate_key, keys = split_keys(rng_key, num_particles)
+    model, guide = seed_plates(model, guide, plate_key)
     structure = plan(model, guide, params, args, kwargs, keys[0])
+    draw, model_fn = draw_with_keys(
+        model, guide, params, args, kwargs, keys, vectorize, structure, path=path
+    )
+    return draw, model_fn, structure
+
+
+def draw_with_keys(
+    model: Callable,
+    guide: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    keys: jax.Array,
+    vectorize: VectorizeFn,
+    structure: PlateStructure,
+    *,
+    path: bool = False,
+) -> tuple[GuideDraw, ModelFn]:
+    """:func:`draw_particles` for given particle keys (shape ``(K, 2)``) and a known
+    structure; ``model`` and ``guide`` must already have their plates seeded
+    (:func:`seed_plates`). Used to draw a long run of particles chunk by chunk.
+    """
 
     def guide_stage(key: jax.Array) -> GuideDraw:
         return _guide_stage(guide, params, args, kwargs, key, structure, path)
@@ -489,7 +534,7 @@ def draw_particles(
 
         return _map_particles(vectorize, one, (keys[:, 0], draw._replace(values=values)))
 
-    return draw, model_fn, structure
+    return draw, model_fn
 
 
 def _map_particles(vectorize: VectorizeFn, fn: Callable, xs: Any) -> Any:

@@ -1,0 +1,208 @@
+"""MarginalLikelihood against analytic evidence, arviz's PSIS, and a memory bound."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import arviz as az
+from gaussians import log_evidence, posterior
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+from numpyro_iwae import MarginalLikelihood
+from numpyro_iwae.evidence import pareto_k_hat, psis_tail_length
+
+SIG = 0.7
+X = np.random.default_rng(0).normal(size=(6, 1)) * 1.5
+TRUTH = log_evidence(X, np.ones(1), np.zeros(1), np.full(1, SIG))  # per datapoint
+POST_LOC, POST_SCALE = posterior(X, np.ones(1), np.zeros(1), np.full(1, SIG))
+
+
+def model(x):
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(z, SIG), obs=x[:, 0])
+
+
+def guide(x):
+    loc = numpyro.param("loc", jnp.zeros(x.shape[0]))
+    scale = numpyro.param("scale", jnp.ones(x.shape[0]))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("z", dist.Normal(loc, scale))
+
+
+def params(loc_shift=0.0, scale_factor=1.0):
+    return {
+        "loc": jnp.asarray(POST_LOC + loc_shift, jnp.float32),
+        "scale": jnp.asarray(POST_SCALE * scale_factor, jnp.float32),
+    }
+
+
+def estimate(p, k=1000, chunk=None, seed=0, **kw):
+    ml = MarginalLikelihood(model, guide, params=p, num_particles=k, chunk_size=chunk, **kw)
+    return ml(jax.random.key(seed), X)
+
+
+def test_estimate_within_standard_errors_of_truth_per_datapoint():
+    est = estimate(params(0.3, 1.8), k=2000)
+    assert est.pointwise.shape == (6,)
+    se_n = np.sqrt(1 / np.asarray(est.ess) - 1 / 2000)
+    assert np.all(np.abs(np.asarray(est.pointwise) - TRUTH) <= 4 * se_n)
+    assert abs(float(est.log_marginal) - TRUTH.sum()) <= 4 * float(est.stderr)
+    np.testing.assert_allclose(est.log_marginal, np.sum(est.pointwise), rtol=1e-6)
+
+
+def test_reported_stderr_matches_spread_over_repeated_runs():
+    ml = MarginalLikelihood(model, guide, params=params(0.3, 1.8), num_particles=200)
+    runs = jax.jit(jax.vmap(lambda key: ml(key, X)))(jax.random.split(jax.random.key(1), 400))
+    spread = float(np.std(np.asarray(runs.log_marginal), ddof=1))
+    reported = float(np.median(np.asarray(runs.stderr)))
+    assert 0.5 < reported / spread < 2.0, (reported, spread)
+    # ...and the mean over runs is within its own standard error of the truth (the
+    # bias of log-mean-exp at K = 200 is below that here).
+    mean = float(np.mean(np.asarray(runs.log_marginal)))
+    assert abs(mean - TRUTH.sum()) < 4 * spread / math.sqrt(400) + 1e-3
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 1000])
+def test_same_answer_whatever_the_chunk_size(chunk):
+    ref = estimate(params(0.3, 1.8), k=1000, chunk=None)
+    other = estimate(params(0.3, 1.8), k=1000, chunk=chunk)
+    for field in ("log_marginal", "pointwise", "stderr", "ess", "k_hat"):
+        np.testing.assert_allclose(getattr(other, field), getattr(ref, field), rtol=2e-5)
+
+
+def test_exact_posterior_gives_full_ess_and_zero_stderr():
+    est = estimate(params(), k=500)
+    np.testing.assert_allclose(est.ess, 500.0, rtol=1e-4)
+    assert float(est.stderr) < 1e-6
+    np.testing.assert_allclose(est.pointwise, TRUTH, atol=1e-5)
+
+
+def test_k_hat_flags_narrow_guides_and_clears_wide_ones():
+    # A Normal proposal r times narrower than a Normal target gives weights with a
+    # Pareto tail of shape k = 1 - r^2 (0.99 at r = 0.1); a wider one gives bounded
+    # weights (k < 0). One k-hat has sd about (1 + k) / sqrt(M) = 0.12 with M = 300
+    # tail weights and is biased low on such tails, so the datapoints' mean (sd about
+    # 0.05) must exceed 0.7 and each one 0.5.
+    narrow = np.asarray(estimate(params(0.0, 0.1), k=10000).k_hat)
+    wide = np.asarray(estimate(params(0.0, 2.0), k=10000).k_hat)
+    assert narrow.mean() > 0.7 and np.all(narrow > 0.5), narrow
+    assert np.all(wide < 0.5), wide
+
+
+def test_k_hat_agrees_with_arviz_psislw():
+    est = estimate(params(0.5, 0.6), k=3000, return_log_weights=True)
+    log_w = np.asarray(est.log_weights, np.float64)
+    assert log_w.shape == (3000, 6)
+    _, ref = az.psislw(log_w.T.copy())
+    np.testing.assert_allclose(est.k_hat, ref, atol=2e-3)
+    # The returned weights are the ones the estimate was built from.
+    lse = np.logaddexp.reduce(log_w, axis=0) - math.log(3000)
+    np.testing.assert_allclose(est.pointwise, lse, rtol=1e-5)
+
+
+def test_pareto_k_hat_on_known_tails():
+    # Weights that are exactly Pareto with shape k: log w = k * Exponential(1).
+    rng = np.random.default_rng(2)
+    num = 1_000_000
+    m = psis_tail_length(num)
+    for k_true in (0.3, 0.8):
+        log_w = k_true * rng.exponential(size=(num, 3))
+        top = np.sort(log_w, axis=0)[::-1][: m + 1]
+        k_hat = np.asarray(pareto_k_hat(jnp.asarray(top, jnp.float32)))
+        # The shape estimate's sd is about (1 + k) / sqrt(M); the weak prior moves it
+        # towards 0.5 by 10 (0.5 - k) / (M + 10).
+        prior_pull = 10 * (0.5 - k_true) / (m + 10)
+        tol = 4 * (1 + k_true) / math.sqrt(m)
+        assert np.all(np.abs(k_hat - (k_true + prior_pull)) < tol), (k_true, k_hat, tol)
+
+
+def test_model_without_latents_is_exact():
+    def fixed(x):
+        numpyro.sample("x", dist.Normal(0.0, 2.0).expand([x.shape[0]]).to_event(1), obs=x[:, 0])
+
+    def empty(x):
+        pass
+
+    est = MarginalLikelihood(fixed, empty, num_particles=10)(jax.random.key(0), X)
+    exact = float(dist.Normal(0.0, 2.0).log_prob(X[:, 0]).sum())
+    assert abs(float(est.log_marginal) - exact) < 1e-5
+    assert float(est.stderr) == 0.0 and float(est.ess) == 10.0
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "10", None, True])
+def test_bad_num_particles(bad):
+    with pytest.raises((TypeError, ValueError), match="num_particles"):
+        MarginalLikelihood(model, guide, num_particles=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "8", True])
+def test_bad_chunk_size(bad):
+    with pytest.raises((TypeError, ValueError), match="chunk_size"):
+        MarginalLikelihood(model, guide, chunk_size=bad)
+
+
+def test_missing_params_are_named():
+    with pytest.raises(ValueError, match=r"\['loc', 'scale'\].*no params were given"):
+        MarginalLikelihood(model, guide)(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"\['scale'\]"):
+        MarginalLikelihood(model, guide, params={"loc": jnp.zeros(6)})(jax.random.key(0), X)
+
+
+def test_subsampled_plate_is_refused():
+    def sub_model(x):
+        with numpyro.plate("data", x.shape[0], subsample_size=2):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+            numpyro.sample("x", dist.Normal(z, 1.0), obs=0.0)
+
+    def sub_guide(x):
+        with numpyro.plate("data", x.shape[0], subsample_size=2):
+            numpyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="subsampled"):
+        MarginalLikelihood(sub_model, sub_guide, num_particles=4)(jax.random.key(0), X)
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, jax, jax.numpy as jnp, numpy as np
+    from jax.example_libraries import stax
+    import numpyro, numpyro.distributions as dist
+    from numpyro_iwae import MarginalLikelihood
+
+    init, apply = stax.serial(stax.Dense(200), stax.Tanh, stax.Dense(784))
+    _, dec = init(jax.random.key(0), (1, 50))
+
+    def model(x):
+        d = numpyro.module("decoder", (init, apply), (1, 50))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([50]).to_event(1))
+            numpyro.sample("x", dist.Bernoulli(logits=d(z)).to_event(1), obs=x)
+
+    def guide(x):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(0.0, 1.0).expand([50]).to_event(1))
+
+    x = (np.random.default_rng(0).random((1000, 784)) < 0.2).astype(np.float32)
+    ml = MarginalLikelihood(model, guide, params={"decoder$params": dec}, num_particles=5000)
+    est = jax.jit(lambda k, x: ml(k, x))(jax.random.key(0), x)
+    assert np.isfinite(float(est.log_marginal))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    """
+)
+
+
+def test_k5000_over_1000_datapoints_stays_under_2_gib():
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak_gib = int(out.stdout.strip().splitlines()[-1]) / 2**20
+    # The naive vmap over 5000 particles would hold 5000 x 1000 x 784 logits (15 GiB).
+    assert peak_gib < 2.0, f"peak resident memory {peak_gib:.2f} GiB"
