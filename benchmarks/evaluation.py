@@ -1,0 +1,162 @@
+"""Throughput and peak memory of MarginalLikelihood on the IWAE paper's VAE.
+
+Evaluates log p(x) with K = 5000 particles on 1000 and 10,000 synthetic binary
+784-pixel datapoints through the 784-200-200-50 VAE (tanh, Bernoulli), streamed in
+chunks, and compares with the naive evaluation (one vmap over all K particles)
+where that fits in memory. Each configuration runs in its own process so that its
+peak resident memory (VmHWM) can be read; throughput is particles x datapoints per second
+and, counting the decoder's matmul FLOPs, a fraction of the float32 matmul rate
+measured on the same machine.
+
+Run:  python benchmarks/evaluation.py            (about 3 minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+import subprocess
+import sys
+import textwrap
+
+HERE = Path(__file__).resolve().parent
+
+CHILD = textwrap.dedent(
+    """
+    import json, math, sys, time
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.example_libraries import stax
+    import numpyro, numpyro.distributions as dist
+    from numpyro_iwae import MarginalLikelihood
+
+    mode, n, k, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+    def mlp(out):
+        return stax.serial(stax.Dense(200), stax.Tanh, stax.Dense(200), stax.Tanh, stax.Dense(out))
+
+    enc_init, enc_apply = mlp(100)
+    dec_init, dec_apply = mlp(784)
+    _, enc = enc_init(jax.random.key(1), (1, 784))
+    _, dec = dec_init(jax.random.key(2), (1, 50))
+
+    def model(x):
+        d = numpyro.module("decoder", (dec_init, dec_apply), (1, 50))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([50]).to_event(1))
+            numpyro.sample("x", dist.Bernoulli(logits=d(z)).to_event(1), obs=x)
+
+    def guide(x):
+        e = numpyro.module("encoder", (enc_init, enc_apply), (1, 784))
+        h = e(x)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(h[:, :50], jnp.exp(h[:, 50:])).to_event(1))
+
+    x = jnp.asarray((np.random.default_rng(0).random((n, 784)) < 0.2).astype(np.float32))
+    params = {"decoder$params": dec, "encoder$params": enc}
+
+    if mode == "streamed":
+        ml = MarginalLikelihood(model, guide, params=params, num_particles=k, chunk_size=chunk)
+        fn = jax.jit(lambda key, x: ml(key, x).log_marginal)
+    else:  # naive: every particle at once, as a single vmap would
+        def naive(key, x):
+            h = enc_apply(enc, x)
+            eps = jax.random.normal(key, (k,) + h[:, :50].shape)
+            z = h[:, :50] + jnp.exp(h[:, 50:]) * eps
+            logits = dec_apply(dec, z)
+            log_w = (
+                jnp.sum(x * logits - jax.nn.softplus(logits), -1)
+                + jnp.sum(dist.Normal(0.0, 1.0).log_prob(z), -1)
+                - jnp.sum(dist.Normal(h[:, :50], jnp.exp(h[:, 50:])).log_prob(z), -1)
+            )
+            return jnp.sum(jax.nn.logsumexp(log_w, 0) - math.log(k))
+        fn = jax.jit(naive)
+
+    compiled = fn.lower(jax.random.key(0), x).compile()
+    t0 = time.perf_counter()
+    value = float(compiled(jax.random.key(0), x))
+    seconds = time.perf_counter() - t0
+    # VmHWM: peak resident memory of this process image (ru_maxrss survives exec on
+    # Linux and would include the parent's peak).
+    status = open("/proc/self/status").readlines()
+    peak = int([l.split()[1] for l in status if l.startswith("VmHWM")][0]) / 2**20  # GiB
+    print(json.dumps({"mode": mode, "n": n, "k": k, "chunk": chunk, "seconds": seconds,
+                      "peak_gib": peak, "log_marginal": value}))
+    """
+)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    code = textwrap.dedent(
+        f"""
+        import statistics, time, jax, jax.numpy as jnp
+        a = jax.random.normal(jax.random.key(0), ({n}, {n}))
+        f = jax.jit(jnp.dot); f(a, a).block_until_ready()
+        ts = []
+        for _ in range({repeats}):
+            t0 = time.perf_counter()
+            f(a, a).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        print(2 * {n}**3 / statistics.median(ts) / 1e9)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def run(mode: str, n: int, k: int, chunk: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(n), str(k), str(chunk)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        return {"mode": mode, "n": n, "k": k, "chunk": chunk, "error": out.stderr[-300:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def decoder_flops(n: int, k: int) -> float:
+    return 2.0 * n * k * (50 * 200 + 200 * 200 + 200 * 784)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--out", type=Path, default=HERE / "evaluation.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        configs = [("streamed", 100, 200), ("naive", 100, 200)]
+    else:
+        configs = [
+            ("streamed", 1000, 500),
+            ("naive", 1000, 500),
+            ("streamed", 1000, 5000),
+            ("streamed", 10000, 5000),
+        ]
+    rate = matmul_gflops()
+    print(f"float32 matmul rate: {rate:.0f} GFLOP/s")
+    rows = []
+    for mode, n, k in configs:
+        r = run(mode, n, k, args.chunk)
+        if "error" not in r:
+            r["throughput"] = n * k / r["seconds"]
+            r["gflops"] = decoder_flops(n, k) / r["seconds"] / 1e9
+            r["matmul_fraction"] = r["gflops"] / rate
+            print(
+                f"{mode:<9} N={n:<6} K={k:<5} {r['seconds']:8.2f} s  "
+                f"peak {r['peak_gib']:5.2f} GiB  "
+                f"{r['throughput']:.3g} particle-datapoints/s  {r['gflops']:.0f} GFLOP/s "
+                f"({100 * r['matmul_fraction']:.0f}% of matmul)  log p = {r['log_marginal']:.1f}"
+            )
+        else:
+            print(f"{mode:<9} N={n:<6} K={k:<5} failed: {r['error']}")
+        rows.append(r)
+    result = {"matmul_gflops": rate, "chunk": args.chunk, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
