@@ -117,10 +117,10 @@ def funnel():
         numpyro.sample("x", dist.Normal(0.0, jnp.exp(v / 2)))
 
 
-def hand_funnel_loss(params, key, k):
-    """-(IWAE bound) of the funnel under a mean-field Normal guide (as AutoNormal)."""
+def _funnel_iwae_loss(params, eps, k):
+    """-(IWAE bound) of the funnel under a mean-field Normal guide (as AutoNormal),
+    given the standard-normal noise ``eps`` of shape (K, 10)."""
     loc, scale = params["loc"], jax.nn.softplus(params["raw_scale"])
-    eps = jax.random.normal(key, (k, 10))
     z = loc + scale * eps
     v, x = z[:, 0], z[:, 1:]
     log_p = jax.scipy.stats.norm.logpdf(v, 0.0, 3.0) + jnp.sum(
@@ -130,11 +130,15 @@ def hand_funnel_loss(params, key, k):
     return -(jax.nn.logsumexp(log_p - log_q) - math.log(k))
 
 
+def hand_funnel_loss(params, key, k):
+    """The hand-written funnel IWAE: all K x 10 normals from one key."""
+    return _funnel_iwae_loss(params, jax.random.normal(key, (k, 10)), k)
+
+
 def hand_funnel_numpyro_keys_loss(params, key, k):
-    """The hand-written funnel loss, but drawing its noise as NumPyro's seed handler
-    does: a (model, guide) key pair per particle, then one key split per site.
-    The gap between this and ``hand_funnel_loss`` is the cost of that key handling."""
-    loc, scale = params["loc"], jax.nn.softplus(params["raw_scale"])
+    """The same loss drawing its noise as NumPyro's seed handler does: a (model,
+    guide) key pair per particle, then one key split per site. The gap between this
+    and ``hand_funnel_loss`` is the cost of that key handling."""
 
     def noise(pair):
         key = pair[1]
@@ -142,14 +146,7 @@ def hand_funnel_numpyro_keys_loss(params, key, k):
         _, k_x = jax.random.split(key)
         return jnp.concatenate([jax.random.normal(k_v, (1,)), jax.random.normal(k_x, (9,))])
 
-    eps = jax.vmap(noise)(jax.random.split(key, (k, 2)))
-    z = loc + scale * eps
-    v, x = z[:, 0], z[:, 1:]
-    log_p = jax.scipy.stats.norm.logpdf(v, 0.0, 3.0) + jnp.sum(
-        jax.scipy.stats.norm.logpdf(x, 0.0, jnp.exp(v / 2)[:, None]), axis=-1
-    )
-    log_q = jnp.sum(jax.scipy.stats.norm.logpdf(z, loc, scale), axis=-1)
-    return -(jax.nn.logsumexp(log_p - log_q) - math.log(k))
+    return _funnel_iwae_loss(params, jax.vmap(noise)(jax.random.split(key, (k, 2))), k)
 
 
 # ---------------------------------------------------------------- steppers
@@ -163,7 +160,16 @@ class Stepper:
     """
 
     def __init__(self, step, state):
-        self.state = state
+        # Strong dtypes from the start (as SVI.init does): a weakly typed leaf turns
+        # strong after one step, which would recompile the chunk inside timed rounds.
+        self.state = jax.tree.map(
+            lambda x: (
+                jax.lax.convert_element_type(x, jnp.result_type(x))
+                if jnp.issubdtype(jnp.result_type(x), jnp.number)
+                else x
+            ),
+            state,
+        )
         self._chunks = {}
         self._step = step
 

@@ -19,6 +19,7 @@ __all__ = [
     "iwae_bound",
     "nan_to_neginf",
     "normalized_weights",
+    "plate_layout",
     "vimco_learning_signal",
     "with_score_terms",
 ]
@@ -92,15 +93,23 @@ def nan_to_neginf(log_w: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
 
 
-def _plate_broadcast(weights: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
-    """Lay ``weights`` of shape ``(K, *plate_sizes)`` out against a value of shape
-    ``(K, *value_shape)`` whose plate axes are ``axes`` (in plate order).
+def plate_layout(per_element: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
+    """Lay ``per_element`` of shape ``(L, *plate_sizes)`` out against values of shape
+    ``(L, *value_shape)`` whose independent-plate axes are ``axes`` (in plate order),
+    with size-1 axes elsewhere, so the two broadcast.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro_iwae.estimators import plate_layout
+        >>> plate_layout(jnp.ones((4, 3)), ndim=2, axes=(0,)).shape  # value (4, 3, 5)
+        (4, 3, 1)
+
     """
     order = sorted(range(len(axes)), key=lambda i: axes[i])
-    moved = jnp.transpose(weights, (0, *(1 + i for i in order)))
-    shape = [weights.shape[0]] + [1] * ndim
+    moved = jnp.transpose(per_element, (0, *(1 + i for i in order)))
+    shape = [per_element.shape[0]] + [1] * ndim
     for i in order:
-        shape[1 + axes[i]] = weights.shape[1 + i]
+        shape[1 + axes[i]] = per_element.shape[1 + i]
     return jnp.reshape(moved, shape)
 
 
@@ -172,7 +181,7 @@ def dreg_log_weights(
                 scaled[name] = g
                 continue
             ndim, ax = axes[name]
-            scaled[name] = g * _plate_broadcast(w, ndim, ax).astype(g.dtype)
+            scaled[name] = g * plate_layout(w, ndim, ax).astype(g.dtype)
         return (scaled, g_params, -g_log_w * w, g_score, *g_consts)
 
     log_w_fn.defvjp(fwd, bwd)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_iwae.elbo import check_positive_int
-from numpyro_iwae.estimators import nan_to_neginf
+from numpyro_iwae.estimators import nan_to_neginf, plate_layout
 from numpyro_iwae.weights import (
     PlateStructure,
     draw_with_keys,
@@ -222,21 +222,9 @@ def _resample(
     out = {}
     for name, value in values.items():
         ndim, ax = axes[name]
-        chosen = jnp.take_along_axis(value, _plate_layout(pick, ndim, ax), axis=0)
-        out[name] = jnp.where(_plate_layout(switch, ndim, ax), chosen, samples[name])
+        chosen = jnp.take_along_axis(value, plate_layout(pick, ndim, ax), axis=0)
+        out[name] = jnp.where(plate_layout(switch, ndim, ax), chosen, samples[name])
     return out
-
-
-def _plate_layout(per_element: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
-    """``(S, *plates)`` laid out against values ``(S, *value_shape)`` whose plate
-    axes are ``axes``; other axes of size 1.
-    """
-    order = sorted(range(len(axes)), key=lambda i: axes[i])
-    moved = jnp.transpose(per_element, (0, *(1 + i for i in order)))
-    shape = [per_element.shape[0]] + [1] * ndim
-    for i in order:
-        shape[1 + axes[i]] = per_element.shape[1 + i]
-    return jnp.reshape(moved, shape)
 
 
 class MarginalLikelihood:
