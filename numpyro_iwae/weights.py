@@ -442,16 +442,25 @@ def plan(
     kwargs: dict[str, Any],
     rng_key: jax.Array,
 ) -> PlateStructure:
-    """Trace one particle to check that model and guide match and to find the plate
-    structure; raises ``ValueError`` on a mismatch.
+    """Trace one particle abstractly (no values are computed) to check that model
+    and guide match and to find the plate structure; raises ``ValueError`` on a
+    mismatch.
 
-    Under ``jit`` its outputs are unused, so XLA removes the computation; it is run
-    concretely (not under ``eval_shape``) so that eager models may index NumPy
-    arrays with subsample indices, as they may with ``Trace_ELBO``.
+    Abstract tracing matters: a concrete particle could be extreme (a flow's draw
+    far in the tail) and trip NumPyro's eager argument validation, where under
+    ``jit`` the same particle simply gets weight zero. As under SVI's ``jit``,
+    data must be indexable by traced subsample indices (JAX arrays, or
+    ``numpyro.subsample``).
     """
-    model_trace, guide_trace = trace_pair(model, guide, params, args, kwargs, rng_key)
-    _check_sites(model_trace, guide_trace)
-    return _plate_structure(model_trace, guide_trace)
+    found: list[PlateStructure] = []
+
+    def probe(key: jax.Array) -> None:
+        model_trace, guide_trace = trace_pair(model, guide, params, args, kwargs, key)
+        _check_sites(model_trace, guide_trace)
+        found.append(_plate_structure(model_trace, guide_trace))
+
+    jax.eval_shape(probe, rng_key)
+    return found[0]
 
 
 ModelFn = Callable[[dict[str, jax.Array], dict[str, Any]], tuple[jax.Array, Any]]

@@ -460,10 +460,11 @@ def test_global_latent_with_subsampled_plate_is_an_error():
     def guide(x):
         numpyro.sample("z", dist.Normal(0.0, 1.0))
 
+    x = jnp.asarray(XG)  # indexed by traced subsample indices, as under SVI's jit
     with pytest.raises(ValueError, match=r"\['data'\] are subsampled.*global|joint"):
-        IWELBO(4).loss(jax.random.key(0), {}, model, guide, XG)
+        IWELBO(4).loss(jax.random.key(0), {}, model, guide, x)
     # K = 1 is the ELBO: linear in the log weights, so subsampling stays unbiased.
-    assert np.isfinite(IWELBO(1).loss(jax.random.key(0), {}, model, guide, XG))
+    assert np.isfinite(IWELBO(1).loss(jax.random.key(0), {}, model, guide, x))
 
 
 def test_joint_weights_warning_for_large_plates_only():

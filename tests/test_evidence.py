@@ -260,3 +260,23 @@ def test_resampling_with_a_global_latent():
     assert abs(z.mean() - float(loc)) < 5 * se
     truth = log_evidence(X[:, 0], np.ones(6), np.zeros(6), np.full(6, SIG))
     assert abs(float(est.log_marginal) - truth) < 4 * float(est.stderr) + 1e-4
+
+
+def test_extreme_particles_do_not_abort_eager_evaluation():
+    # A guide far in the tail makes exp(v / 2) underflow to 0, which NumPyro's eager
+    # argument validation would reject; such particles must get weight zero instead.
+    from numpyro_iwae import IWELBO
+
+    def funnel_model():
+        v = numpyro.sample("v", dist.Normal(0.0, 3.0))
+        numpyro.sample("x", dist.Normal(0.0, jnp.exp(v / 2)))
+
+    def far_guide():
+        numpyro.sample("v", dist.Normal(-2000.0, 1.0))
+        numpyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with numpyro.validation_enabled():
+        loss = IWELBO(4).loss(jax.random.key(0), {}, funnel_model, far_guide)
+        est = MarginalLikelihood(funnel_model, far_guide, num_particles=8)(jax.random.key(0))
+    assert float(loss) == np.inf and not np.isnan(float(loss))
+    assert float(est.log_marginal) == -np.inf

@@ -16,15 +16,21 @@ def load(name):
 
 def test_funnel_example_smoke(tmp_path, capsys):
     funnel = load("funnel")
-    argv = ["--steps", "300", "--train-k", "1", "5", "--eval-k", "1", "10"]
-    argv += ["--eval-particles", "2000", "--no-progress", "--out", str(tmp_path)]
-    result = funnel.main(argv)
+    argv = ["--steps", "200", "--ks", "5", "--estimators", "dreg", "--guides", "normal"]
+    argv += ["--eval-particles", "1000", "--bound-ks", "1", "10", "--nuts-samples", "300"]
+    result = funnel.main(argv + ["--no-progress", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "funnel.json").read_text())
+    assert (tmp_path / "funnel.png").stat().st_size > 0
     assert saved["log_z"] == 0.0 and len(saved["fits"]) == 2
+    assert len(saved["nuts"]["v_quantiles"]) == len(saved["quantiles"])
     for fit in result["fits"]:
+        assert not fit["diverged"]
+        for key in ("log_z", "stderr", "ess", "k_hat", "v_quantiles", "bounds"):
+            assert key in fit
+        assert fit["log_z"] <= 4 * fit["stderr"] + 1e-6  # an estimate of log Z = 0 from below
         for mean, stderr in fit["bounds"].values():
             assert mean <= 4 * stderr  # a lower bound on log Z = 0
-    assert "bound K=10" in capsys.readouterr().out
+    assert "NUTS reference" in capsys.readouterr().out
 
 
 def test_snr_example_smoke(tmp_path):
