@@ -108,7 +108,10 @@ class IWELBO(ELBO):
     **Weights of zero.** A particle whose log weight is ``-inf`` or NaN (a
     density evaluated outside its support) gets weight zero. If every particle
     of a plate element has weight zero, the bound is ``-inf`` and the loss
-    ``+inf``, never NaN; that element contributes no gradient.
+    ``+inf``, never NaN; that element contributes no gradient. A zero-weight
+    particle whose density has an infinite derivative where it landed (e.g. a
+    scale that underflowed to 0) can still make the *gradient* NaN (0 x inf inside
+    the model); ``SVI.run(..., stable_update=True)`` skips such steps.
 
     **Discrete latents.** Guide sites without a reparameterized sampler
     (``Bernoulli``, ``Categorical``, ...) get the VIMCO score-function term with
