@@ -8,11 +8,12 @@ For each guide (mean-field Normal, AutoNormal; a normalizing flow, AutoIAFNormal
 fits the standard ELBO (K = 1) and IWELBO with K = 10 and 100 (reparam and DReG
 gradients), then scores every fit with MarginalLikelihood: the log Z estimate, its
 standard error, the effective sample size and the PSIS k-hat. The importance-resampled
-posterior of v is compared with a NUTS reference (non-centred funnel) through ArviZ.
+posterior of v is compared with a NUTS reference (non-centred funnel) through ArviZ
+(quantiles of both InferenceData posteriors).
 It writes funnel.json (every number) and funnel.png (the picture) into --out.
 
 Run:  python examples/funnel.py                 (under a minute on 2 CPU cores)
-      python examples/funnel.py --eval-particles 100000 --out out
+      python examples/funnel.py --full --out out     (10^5 evaluation particles)
       python examples/funnel.py --help
 """
 
@@ -24,6 +25,7 @@ import math
 from pathlib import Path
 import time
 
+import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,12 +107,19 @@ def bounds_from_log_weights(log_w: np.ndarray, ks: list[int]) -> dict[str, list[
     return out
 
 
-def nuts_reference(num_samples: int, key) -> np.ndarray:
+def nuts_reference(num_samples: int, key):
+    """NUTS on the non-centred funnel, as ArviZ InferenceData."""
     mcmc = MCMC(
         NUTS(funnel_noncentred), num_warmup=1000, num_samples=num_samples, progress_bar=False
     )
     mcmc.run(key)
-    return np.asarray(mcmc.get_samples()["v"])
+    return az.from_numpyro(mcmc)
+
+
+def v_quantiles(idata) -> list[float]:
+    """Quantiles of v from an InferenceData posterior (over chains and draws)."""
+    q = idata.posterior["v"].quantile(list(QUANTILES), dim=("chain", "draw"))
+    return [float(x) for x in q.values]
 
 
 def log_density_v_x1(v: np.ndarray, x1: np.ndarray) -> np.ndarray:
@@ -124,7 +133,7 @@ def log_density_v_x1(v: np.ndarray, x1: np.ndarray) -> np.ndarray:
     )
 
 
-def plot(results: list[dict], draws: dict, nuts_v: np.ndarray, path: Path) -> None:
+def plot(results: list[dict], draws: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--eval-particles",
         type=int,
         default=10_000,
-        help="MarginalLikelihood particles (1e5 for the full run)",
+        help="MarginalLikelihood particles per fit",
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="evaluate with 100,000 particles per fit"
     )
     parser.add_argument(
         "--bound-ks",
@@ -240,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
+    if args.full:
+        args.eval_particles = 100_000
     progress = not args.no_progress
 
     key = jax.random.key(args.seed)
@@ -288,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
             ess=float(est.ess),
             k_hat=float(est.k_hat),
             bounds=bounds_from_log_weights(np.asarray(est.log_weights, np.float64), args.bound_ks),
-            v_quantiles=np.quantile(v_res, QUANTILES).tolist(),
+            v_quantiles=v_quantiles(est.to_inference_data()),
         )
         guide_draws = guide.sample_posterior(k_eval, result.params, sample_shape=(2000,))
         draws[name] = {
@@ -299,8 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     key, k_nuts = jax.random.split(key)
-    nuts_v = nuts_reference(args.nuts_samples, k_nuts)
-    nuts_q = np.quantile(nuts_v, QUANTILES).tolist()
+    nuts_q = v_quantiles(nuts_reference(args.nuts_samples, k_nuts))
 
     qs = " ".join(f"{int(100 * q):>5}%" for q in QUANTILES)
     header = (
@@ -329,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
     (args.out / "funnel.json").write_text(json.dumps(strict_json(summary), indent=2))
-    plot(results, draws, nuts_v, args.out / "funnel.png")
+    plot(results, draws, args.out / "funnel.png")
     print(f"wrote {args.out / 'funnel.json'} and {args.out / 'funnel.png'}")
     return summary
 
