@@ -5,7 +5,7 @@ This module is the one place that runs user code. Everything downstream
 :class:`PlateStructure` describing how those arrays factorize.
 
 For particle :math:`k` the guide is run to draw :math:`z_k \sim q_\phi(z \mid x)`,
-the model is replayed against it, and every sample site's ``log_prob`` is
+the model is run with its values substituted, and every sample site's ``log_prob`` is
 reduced to the *independent plates*: the plates that enclose every sample site of
 the model and the guide (observed sites included). Along those plates the joint
 density factorizes, so the importance-weighted bound can be formed separately per
@@ -34,7 +34,7 @@ import warnings
 import jax
 from jax import random
 import jax.numpy as jnp
-from numpyro.handlers import replay, seed, substitute, trace
+from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
 
 from numpyro_iwae.estimators import nan_to_neginf
@@ -148,7 +148,7 @@ class LogWeights(NamedTuple):
 class GuideDraw(NamedTuple):
     """The guide's side of K particles, each array with a leading particle axis.
 
-    ``values`` are the latent values the model is replayed against, ``plates`` the
+    ``values`` are the latent values substituted into the model, ``plates`` the
     subsample indices of the guide's plates, and the ``log_q_*`` parts are as in
     :class:`LogWeights`.
     """
@@ -367,18 +367,43 @@ def trace_pair(
     kwargs: dict[str, Any],
     rng_key: jax.Array,
 ) -> tuple[Trace, Trace]:
-    """Run the guide, then the model replayed against it, for one particle.
+    """Run the guide, then the model against its draw, for one particle.
 
-    ``rng_key`` holds two keys, ``(model_key, guide_key)``. Gradients are stopped
-    at values of guide sites without a reparameterized sampler (as in NumPyro's
-    ``Trace_ELBO``); mutable values found in the guide are visible to the model.
+    ``rng_key`` holds two keys, ``(model_key, guide_key)``. The model is run
+    exactly as the objectives run it (:func:`_trace_model`), so the checks and the
+    plate structure found here describe the computation that follows.
     """
     model_key, guide_key = rng_key
     guide_trace = _trace_guide(guide, params, args, kwargs, guide_key)
-    model_params = {**params, **_mutable_values(guide_trace)}
-    seeded_model = seed(replay(model, guide_trace), model_key)
-    model_trace = trace(substitute(seeded_model, data=model_params)).get_trace(*args, **kwargs)
+    values, plates, mutable = _draw_data(guide_trace)
+    model_trace = _trace_model(model, params, args, kwargs, model_key, mutable, plates, values)
     return model_trace, guide_trace
+
+
+def _draw_data(tr: Trace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """What the model sees of a guide trace: latent values, subsample indices of
+    the guide's plates, and mutable state.
+    """
+    values = {n: s["value"] for n, s in _sample_sites(tr).items() if _is_latent(s)}
+    plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}
+    return values, plates, _mutable_values(tr)
+
+
+def _trace_model(
+    model: Callable,
+    params: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    key: jax.Array,
+    mutable: dict[str, Any],
+    plates: dict[str, Any],
+    values: dict[str, Any],
+) -> Trace:
+    """Trace the model with the guide's latent values, minibatch and mutable state
+    substituted (parameters first, so a guide value wins a name clash).
+    """
+    data = {**params, **mutable, **plates, **values}
+    return trace(substitute(seed(model, key), data=data)).get_trace(*args, **kwargs)
 
 
 def _trace_guide(guide: Callable, params: dict, args: tuple, kwargs: dict, key) -> Trace:
@@ -401,19 +426,16 @@ def _guide_stage(
     tr = _trace_guide(guide, params, args, kwargs, key)
     zeros = jnp.zeros(structure.sizes)
     rep, score = zeros, zeros
-    values = {}
-    for name, site in _sample_sites(tr).items():
+    for site in _sample_sites(tr).values():
         if site["is_observed"]:
             continue
-        if _is_latent(site):
-            values[name] = site["value"]
         if site["fn"].has_rsample:
             rep = rep + _site_log_density(site, structure)
         else:
             score = score + _site_log_density(site, structure)
-    plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}
+    values, plates, mutable = _draw_data(tr)
     rep_path = _path_log_density(guide, params, args, kwargs, key, tr, structure) if path else None
-    return GuideDraw(values, plates, rep, rep_path, score, _mutable_values(tr))
+    return GuideDraw(values, plates, rep, rep_path, score, mutable)
 
 
 def _model_stage(
@@ -426,8 +448,9 @@ def _model_stage(
     draw: GuideDraw,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """One particle's ``log p(x, z)`` with z from the guide draw, and mutable state."""
-    data = {**params, **draw.mutable_state, **draw.plates, **draw.values}
-    tr = trace(substitute(seed(model, key), data=data)).get_trace(*args, **kwargs)
+    tr = _trace_model(
+        model, params, args, kwargs, key, draw.mutable_state, draw.plates, draw.values
+    )
     log_p = jnp.zeros(structure.sizes)
     for site in _sample_sites(tr).values():
         log_p = log_p + _site_log_density(site, structure)
