@@ -2,8 +2,9 @@
 JAX IWAE of the same network, side by side in one process.
 
 Workloads:
-  (a) the IWAE paper's VAE: 784-200-200-50 tanh encoder and decoder, Bernoulli
-      likelihood, batch 20 and 100, K = 1, 5, 50, synthetic binary data;
+  (a) the IWAE paper's VAEs, as examples/vae.py defines them: one stochastic layer
+      (784-200-200-50 tanh encoder and decoder) and two (100 then 50 latents),
+      Bernoulli likelihood, batch 20 and 100, K = 1, 5, 50, synthetic binary data;
   (b) Neal's funnel with a mean-field Normal guide, K = 1, 10, 100, 1000.
 
 Every method runs the same number of steps per timed chunk; chunks of the three
@@ -18,16 +19,17 @@ Run:  python benchmarks/step_time.py            (writes benchmarks/results.json)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 from pathlib import Path
 import platform
 import statistics
+import sys
 import time
 
 import jax
-from jax.example_libraries import stax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
@@ -38,6 +40,7 @@ import optax
 from numpyro_iwae import IWELBO
 
 HERE = Path(__file__).resolve().parent
+EXAMPLES = HERE.parent / "examples"
 
 
 # ---------------------------------------------------------------- machine rate
@@ -59,53 +62,68 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 # ---------------------------------------------------------------- the VAE
 
-X_DIM, H_DIM, Z_DIM = 784, 200, 50
+
+def _load_example(name: str):
+    """An example script as a module (the benchmark times the example's own networks)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def mlp(out_dim: int):
-    return stax.serial(
-        stax.Dense(H_DIM), stax.Tanh, stax.Dense(H_DIM), stax.Tanh, stax.Dense(out_dim)
+vae_example = _load_example("vae")
+PIXELS = vae_example.PIXELS
+
+
+def _normal_log_prob(z, loc, log_scale):
+    return jnp.sum(
+        -0.5 * ((z - loc) / jnp.exp(log_scale)) ** 2 - log_scale - 0.5 * math.log(2 * math.pi),
+        axis=-1,
     )
 
 
-ENC_INIT, ENC_APPLY = mlp(2 * Z_DIM)
-DEC_INIT, DEC_APPLY = mlp(X_DIM)
+def hand_vae_loss(arch, params, key, x, k):
+    """-(IWAE bound) of the L-layer VAE, written directly in JAX: the reference.
+
+    Every network sees a 2-d matrix (all K x B particles at once), which is faster
+    than a 3-d input to ``stax.Dense``.
+    """
+    nets = vae_example.networks(arch)
+    depth = len(arch.latents)
+
+    def apply(name, h):
+        out = nets[name][1](params[name], h.reshape(-1, h.shape[-1]))
+        return out.reshape(h.shape[:-1] + out.shape[-1:])
+
+    log_q = log_p = 0.0
+    zs, h = [], x
+    for i in range(depth):  # the guide, upwards; x is shared by all particles
+        loc, log_scale = jnp.split(apply(f"encoder{i}", h), 2, axis=-1)
+        key, sub = jax.random.split(key)
+        eps = jax.random.normal(sub, (k,) + x.shape[:1] + loc.shape[-1:])
+        h = loc + jnp.exp(log_scale) * eps
+        log_q = log_q + _normal_log_prob(h, loc, log_scale)
+        zs.append(h)
+    log_p = _normal_log_prob(zs[-1], 0.0, 0.0)
+    for i in reversed(range(1, depth)):  # the model, downwards
+        loc, log_scale = jnp.split(apply(f"decoder{i}", zs[i]), 2, axis=-1)
+        log_p = log_p + _normal_log_prob(zs[i - 1], loc, log_scale)
+    logits = apply("decoder0", zs[0])
+    log_p = log_p + jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
+    return -jnp.sum(jax.nn.logsumexp(log_p - log_q, axis=0) - math.log(k))
 
 
-def vae_model(x):
-    decoder = numpyro.module("decoder", (DEC_INIT, DEC_APPLY), (1, Z_DIM))
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([Z_DIM]).to_event(1))
-        numpyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
-
-
-def vae_guide(x):
-    encoder = numpyro.module("encoder", (ENC_INIT, ENC_APPLY), (1, X_DIM))
-    h = encoder(x)
-    with numpyro.plate("data", x.shape[0]):
-        numpyro.sample("z", dist.Normal(h[:, :Z_DIM], jnp.exp(h[:, Z_DIM:])).to_event(1))
-
-
-def hand_vae_loss(params, key, x, k):
-    """-(IWAE bound), written directly in JAX: the reference implementation."""
-    h = ENC_APPLY(params["encoder"], x)
-    loc, log_scale = h[:, :Z_DIM], h[:, Z_DIM:]
-    eps = jax.random.normal(key, (k,) + loc.shape)
-    z = loc + jnp.exp(log_scale) * eps
-    # Decode all K * B particles as one matrix (faster than a 3-d input to Dense).
-    logits = DEC_APPLY(params["decoder"], z.reshape(-1, Z_DIM)).reshape(k, -1, X_DIM)
-    log_px = jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
-    log_pz = -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * Z_DIM * math.log(2 * math.pi)
-    log_qz = jnp.sum(-0.5 * eps**2 - log_scale, axis=-1) - 0.5 * Z_DIM * math.log(2 * math.pi)
-    log_w = log_px + log_pz - log_qz
-    return -jnp.sum(jax.nn.logsumexp(log_w, axis=0) - math.log(k))
-
-
-def vae_flops(batch: int, k: int) -> float:
-    """Matmul FLOPs of one step: forward plus backward (2x forward) passes."""
-    enc = batch * (X_DIM * H_DIM + H_DIM * H_DIM + H_DIM * 2 * Z_DIM)
-    dec = k * batch * (Z_DIM * H_DIM + H_DIM * H_DIM + H_DIM * X_DIM)
-    return 3 * 2 * (enc + dec)
+def vae_flops(arch, batch: int, k: int) -> float:
+    """Matmul FLOPs of one step: forward plus backward (2x forward) passes. The first
+    encoder runs once per image, every other network once per particle."""
+    total = 0
+    for name, (init, _, size) in vae_example.networks(arch).items():
+        width = arch.hidden[int(name[-1])]
+        out = init(jax.random.key(0), (1, size))[0][-1]
+        macs = size * width + width * width + width * out
+        total += (batch if name == "encoder0" else k * batch) * macs
+    return 3 * 2 * total
 
 
 # ---------------------------------------------------------------- the funnel
@@ -227,18 +245,20 @@ def time_interleaved(steppers: dict[str, Stepper], rounds: int, target_s: float)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def vae_case(batch: int, k: int, rounds: int, target_s: float) -> dict:
-    x = (jax.random.uniform(jax.random.key(1), (batch, X_DIM)) < 0.3).astype(jnp.float32)
-    _, enc = ENC_INIT(jax.random.key(2), (1, X_DIM))
-    _, dec = DEC_INIT(jax.random.key(3), (1, Z_DIM))
+def vae_case(layers: int, batch: int, k: int, rounds: int, target_s: float) -> dict:
+    arch = vae_example.ARCHITECTURES[layers]
+    model, guide = vae_example.make_vae(arch)
+    x = (jax.random.uniform(jax.random.key(1), (batch, PIXELS)) < 0.3).astype(jnp.float32)
+    params = {
+        name: init(jax.random.key(2 + j), (1, size))[1]
+        for j, (name, (init, _, size)) in enumerate(vae_example.networks(arch).items())
+    }
     steppers = {
-        "iwelbo": svi_stepper(vae_model, vae_guide, IWELBO(k), x),
-        "iwelbo_stl": svi_stepper(vae_model, vae_guide, IWELBO(k, gradient_estimator="stl"), x),
-        "iwelbo_dreg": svi_stepper(vae_model, vae_guide, IWELBO(k, gradient_estimator="dreg"), x),
-        "renyi": svi_stepper(vae_model, vae_guide, RenyiELBO(alpha=0, num_particles=k), x),
-        "hand": hand_stepper(
-            lambda p, key, x: hand_vae_loss(p, key, x, k), {"encoder": enc, "decoder": dec}, x
-        ),
+        "iwelbo": svi_stepper(model, guide, IWELBO(k), x),
+        "iwelbo_stl": svi_stepper(model, guide, IWELBO(k, gradient_estimator="stl"), x),
+        "iwelbo_dreg": svi_stepper(model, guide, IWELBO(k, gradient_estimator="dreg"), x),
+        "renyi": svi_stepper(model, guide, RenyiELBO(alpha=0, num_particles=k), x),
+        "hand": hand_stepper(lambda p, key, x: hand_vae_loss(arch, p, key, x, k), params, x),
     }
     return time_interleaved(steppers, rounds, target_s)
 
@@ -282,21 +302,28 @@ def main(argv=None) -> dict:
     }
     print(f"float32 matmul rate: {machine['matmul_gflops']:.1f} GFLOP/s on {machine['device']}")
     rows = []
-    for batch in (20, 100):
-        for k in (1, 5, 50):
-            t = vae_case(batch, k, rounds, target)
-            gflops = vae_flops(batch, k) / t["iwelbo"] / 1e9
-            rows.append(
-                {
-                    "workload": "vae",
-                    "batch": batch,
-                    "k": k,
-                    **t,
-                    "iwelbo_gflops": gflops,
-                    "matmul_fraction": gflops / machine["matmul_gflops"],
-                }
-            )
-            print(f"vae batch={batch:<4} K={k:<4} " + report(t) + f"  {gflops:.1f} GFLOP/s")
+    for layers in (1, 2):
+        arch = vae_example.ARCHITECTURES[layers]
+        for batch in (20, 100):
+            for k in (1, 5, 50):
+                t = vae_case(layers, batch, k, rounds, target)
+                gflops = vae_flops(arch, batch, k) / t["iwelbo"] / 1e9
+                rows.append(
+                    {
+                        "workload": "vae",
+                        "layers": layers,
+                        "batch": batch,
+                        "k": k,
+                        **t,
+                        "iwelbo_gflops": gflops,
+                        "matmul_fraction": gflops / machine["matmul_gflops"],
+                    }
+                )
+                print(
+                    f"vae L={layers} batch={batch:<4} K={k:<4} "
+                    + report(t)
+                    + f"  {gflops:.1f} GFLOP/s"
+                )
     for k in (1, 10, 100, 1000):
         t = funnel_case(k, rounds, target)
         rows.append({"workload": "funnel", "batch": None, "k": k, **t})
@@ -334,17 +361,19 @@ def markdown(result: dict) -> str:
         f"NumPyro {m['numpyro']}, {result['rounds']} interleaved rounds, medians. "
         f"Measured float32 matmul rate: **{m['matmul_gflops']:.0f} GFLOP/s**.",
         "",
-        "VAE (784-200-200-50 tanh, Bernoulli), ms per SVI step:",
+        "VAE (Burda et al.'s architectures: 1 stochastic layer 784-200-200-50, 2 layers "
+        "with 100 and 50 latents; tanh, Bernoulli), ms per SVI step:",
         "",
-        "| batch | K | IWELBO | RenyiELBO | hand JAX | IWELBO / hand | IWELBO / Renyi "
+        "| layers | batch | K | IWELBO | RenyiELBO | hand JAX | IWELBO / hand | IWELBO / Renyi "
         "| IWELBO GFLOP/s | of matmul rate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     vae = [r for r in result["rows"] if r["workload"] == "vae"]
     for r in result["rows"]:
         if r["workload"] == "vae":
             out.append(
-                f"| {r['batch']} | {r['k']} | {r['iwelbo'] * 1e3:.3f} | {r['renyi'] * 1e3:.3f} "
+                f"| {r['layers']} | {r['batch']} | {r['k']} | {r['iwelbo'] * 1e3:.3f} "
+                f"| {r['renyi'] * 1e3:.3f} "
                 f"| {r['hand'] * 1e3:.3f} | {r['iwelbo'] / r['hand']:.3f} "
                 f"| {r['iwelbo'] / r['renyi']:.3f} | {r['iwelbo_gflops']:.0f} "
                 f"| {100 * r['matmul_fraction']:.0f}% |"
@@ -353,13 +382,14 @@ def markdown(result: dict) -> str:
         "",
         "Gradient estimators on the same VAE, ms per SVI step (same interleaved rounds):",
         "",
-        "| batch | K | reparam | STL | DReG | STL / reparam | DReG / reparam "
+        "| layers | batch | K | reparam | STL | DReG | STL / reparam | DReG / reparam "
         "| DReG / hand JAX IWAE |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in vae:
         out.append(
-            f"| {r['batch']} | {r['k']} | {r['iwelbo'] * 1e3:.3f} | {r['iwelbo_stl'] * 1e3:.3f} "
+            f"| {r['layers']} | {r['batch']} | {r['k']} | {r['iwelbo'] * 1e3:.3f} "
+            f"| {r['iwelbo_stl'] * 1e3:.3f} "
             f"| {r['iwelbo_dreg'] * 1e3:.3f} | {r['iwelbo_stl'] / r['iwelbo']:.3f} "
             f"| {r['iwelbo_dreg'] / r['iwelbo']:.3f} | {r['iwelbo_dreg'] / r['hand']:.3f} |"
         )
