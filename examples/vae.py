@@ -547,6 +547,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("k", "batch_size", "eval_particles", "eval_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer")
+    for name in ("train_size", "test_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer")
+    for name in ("lr", "minutes"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name} must be a positive number, not {value}")
     if args.epochs < 0 or (args.epochs == 0 and args.params is None):
         p.error("--epochs must be positive (or 0 with --params, to evaluate saved parameters)")
     if args.objective in ("iwae", "dreg", "stl") and args.k < 2:
@@ -563,6 +570,11 @@ def tag_of(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = load_mnist(args.data, args.binarization, seed=args.seed)
+    for name, have in (("train_size", len(data.train)), ("test_size", len(data.test))):
+        if (getattr(args, name) or 0) > have:
+            raise ValueError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: only {have} images."
+            )
     data = Data(data.train[: args.train_size], data.test[: args.test_size], data.dynamic)
     arch = PRIOR_PROPOSAL if args.prior_proposal else ARCHITECTURES[args.layers]
     model, guide = make_vae(arch)

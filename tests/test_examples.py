@@ -130,3 +130,21 @@ def test_vae_loader_reads_documented_layout(tmp_path):
         vae.load_mnist(tmp_path, "static")
     with pytest.raises(ValueError, match="binarization"):
         vae.load_mnist(tmp_path, "greyscale")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--train-size", "-5"], "--train-size must be a positive integer"),
+        (["--lr", "0"], "--lr must be a positive number"),
+        (["--minutes", "nan"], "--minutes must be a positive number"),
+        (["--epochs", "0"], "0 with --params"),
+        (["--objective", "dreg", "--k", "1"], "needs --k >= 2"),
+        (["--k", "0"], "--k must be a positive integer"),
+    ],
+)
+def test_vae_example_rejects_bad_arguments(argv, message, capsys):
+    vae = load("vae")
+    with pytest.raises(SystemExit):
+        vae.parse_args(argv)
+    assert message in capsys.readouterr().err
