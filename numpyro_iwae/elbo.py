@@ -16,7 +16,13 @@ from numpyro_iwae.estimators import (
     nan_to_neginf,
     with_score_terms,
 )
-from numpyro_iwae.weights import check_subsampling, draw_particles
+from numpyro_iwae.weights import (
+    Program,
+    any_nan_data,
+    check_subsampling,
+    draw_particles,
+    mark_nan_data,
+)
 
 __all__ = ["IWELBO", "GRADIENT_ESTIMATORS"]
 
@@ -186,19 +192,23 @@ class IWELBO(ELBO):
         :return: ``{"loss": scalar, "mutable_state": dict or None}``.
         """
         draw, model_fn, structure = draw_particles(
-            model,
-            guide,
+            Program(model, guide, args, kwargs),
             param_map,
-            args,
-            kwargs,
             rng_key,
             self.num_particles,
             self.vectorize_particles_fn,
             path=self.gradient_estimator in ("stl", "dreg"),
         )
         check_subsampling(structure, self.num_particles)
+        if self.gradient_estimator != "reparam" and structure.guide_factor_sites:
+            raise ValueError(
+                f"gradient_estimator={self.gradient_estimator!r} needs log q to be the "
+                "density the guide samples from, but the guide also has observed or "
+                f"factor site(s) {list(structure.guide_factor_sites)}. Use "
+                "gradient_estimator='reparam', which includes them as Trace_ELBO does."
+            )
         if self.gradient_estimator == "dreg":
-            log_w, mutable = dreg_log_weights(
+            log_w, output = dreg_log_weights(
                 model_fn,
                 draw.values,
                 param_map,
@@ -207,12 +217,12 @@ class IWELBO(ELBO):
                 structure.value_axes,
             )
         else:
-            log_p, mutable = model_fn(draw.values, param_map)
+            log_p, output = model_fn(draw.values, param_map)
             log_q_rep = draw.log_q_rep_path if self.gradient_estimator == "stl" else draw.log_q_rep
             log_w = log_p - log_q_rep - draw.log_q_score
-        log_w = nan_to_neginf(log_w)
+        log_w = mark_nan_data(nan_to_neginf(log_w), any_nan_data(output))
         per_element = iwae_bound(log_w)
         if structure.nonreparam_sites:
             per_element = with_score_terms(per_element, log_w, draw.log_q_score)
         bound = structure.scale * jnp.sum(per_element)
-        return {"loss": -bound, "mutable_state": _average_particles(mutable or None)}
+        return {"loss": -bound, "mutable_state": _average_particles(output.mutable_state or None)}

@@ -133,7 +133,7 @@ def dreg_log_weights(
     .. math::
 
         \sum_k \tilde w_k^2 \, \frac{\partial \log w_k}{\partial z_k}
-        rac{\partial z_k}{\partial \phi}
+        \frac{\partial z_k}{\partial \phi}
 
     (Tucker, Lawson, Gu & Maddison, 2019, *Doubly Reparameterized Gradient
     Estimators for Monte Carlo Objectives*, ICLR, eq. 7), with ``log_q_path``

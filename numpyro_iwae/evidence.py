@@ -20,18 +20,12 @@ import numpy as np
 
 from numpyro_iwae.elbo import check_positive_int
 from numpyro_iwae.estimators import nan_to_neginf, plate_layout
-from numpyro_iwae.weights import (
-    PlateStructure,
-    draw_with_keys,
-    plan,
-    seed_plates,
-    split_keys,
-)
+from numpyro_iwae.weights import PlateStructure, Program, draw_with_keys, plan, split_keys
 
 __all__ = ["LogMarginalEstimate", "MarginalLikelihood", "pareto_k_hat", "psis_tail_length"]
 
-#: Particles per chunk when ``chunk_size=None``.
-DEFAULT_CHUNK_SIZE = 64
+#: Bytes the particles of one chunk may take when ``chunk_size=None`` (1 GiB).
+DEFAULT_MEMORY_BUDGET = 2**30
 
 
 class LogMarginalEstimate(NamedTuple):
@@ -239,20 +233,34 @@ class MarginalLikelihood:
     with one estimate per element :math:`n` of the plates that enclose every sample
     site, as in :class:`~numpyro_iwae.IWELBO`. Its expectation is a lower bound that
     tends to :math:`\log p(x)` as K grows (Burda et al., 2016, use K = 5000 to report
-    test log-likelihoods). Particles are drawn ``chunk_size`` at a time and
-    reduced on the fly, so memory is O(chunk x data); the same particles are drawn
-    whatever the chunk size. Called like :class:`numpyro.infer.Predictive`:
+    test log-likelihoods). Particles are drawn a chunk at a time and reduced on the
+    fly, so memory is O(chunk x data); the same particles are drawn whatever the
+    chunk size. Called like :class:`numpyro.infer.Predictive`:
     ``MarginalLikelihood(model, guide, params=params)(rng_key, *args, **kwargs)``
     returns a :class:`LogMarginalEstimate` with a standard error, the effective
     sample size and the PSIS :math:`\hat k` diagnostic.
 
+    The evaluation is compiled once per shape of the arguments: repeated calls with
+    arrays of the same shapes and dtypes (and equal non-array arguments, which are
+    treated as static) reuse it.
+
     :param model: NumPyro model.
-    :param guide: NumPyro guide, the proposal (e.g. an autoguide after SVI).
+    :param guide: NumPyro guide, the proposal (e.g. an autoguide after SVI). It must
+        have a density: point masses (``AutoDelta``, the training guide of
+        ``AutoLaplaceApproximation``, any ``Delta`` draw that is not a transform of
+        an auxiliary draw) are refused.
     :param params: values of the ``param`` sites (``svi_result.params``); every
         param site of model and guide must have one.
+    :param mutable_state: values of the ``mutable`` sites, e.g. batch-norm
+        statistics of a flax module (``svi_result.state.mutable_state``).
     :param num_particles: K, particles per plate element.
-    :param chunk_size: particles per chunk; ``None`` for
-        :data:`DEFAULT_CHUNK_SIZE` (or K if smaller).
+    :param chunk_size: particles per chunk; ``None`` to choose the largest chunk
+        whose intermediate arrays fit in ``memory_budget``.
+    :param memory_budget: bytes the particles of one chunk may take when
+        ``chunk_size=None`` (default :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB). The
+        size of one particle is the total size of the arrays one particle's
+        guide and model computations create, an upper bound on what they keep
+        alive at once.
     :param num_samples: S, posterior samples to draw by importance resampling:
         each of S draws picks particle k with probability :math:`\tilde w_k`,
         separately per plate element (with replacement, streamed across chunks).
@@ -260,6 +268,10 @@ class MarginalLikelihood:
     :param return_log_weights: also return all ``K x plate`` log weights. This
         takes O(K x data) memory, which streaming otherwise avoids: at K = 5000
         and 10,000 datapoints that is 200 MB of float32.
+
+    :raises ValueError: when called, if a param site has no value, a plate is
+        subsampled, the guide is a point mass, or the observed data holds NaN
+        (naming the site).
 
     Example:
         >>> import jax, numpyro, numpyro.distributions as dist
@@ -282,24 +294,30 @@ class MarginalLikelihood:
         guide: Callable,
         *,
         params: dict[str, Any] | None = None,
+        mutable_state: dict[str, Any] | None = None,
         num_particles: int = 1000,
         chunk_size: int | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
         num_samples: int = 0,
         return_log_weights: bool = False,
     ) -> None:
         self.model = model
         self.guide = guide
         self.params = {} if params is None else dict(params)
+        self.mutable_state = {} if mutable_state is None else dict(mutable_state)
         self.num_particles = check_positive_int(num_particles, "num_particles")
         if chunk_size is not None:
-            chunk_size = check_positive_int(chunk_size, "chunk_size")
-        self.chunk_size = min(chunk_size or DEFAULT_CHUNK_SIZE, self.num_particles)
+            chunk_size = min(check_positive_int(chunk_size, "chunk_size"), self.num_particles)
+        self.chunk_size = chunk_size
+        self.memory_budget = check_positive_int(memory_budget, "memory_budget")
         self.return_log_weights = bool(return_log_weights)
         self.num_samples = 0 if num_samples == 0 else check_positive_int(num_samples, "num_samples")
         self._given_params = params is not None
+        self._evaluate = jax.jit(self._evaluate_traced, static_argnums=3)
+        self._plate_names: dict[_Static, tuple[str, ...]] = {}
 
-    def _structure(self, model, guide, args, kwargs, key) -> PlateStructure:
-        structure = plan(model, guide, self.params, args, kwargs, key)
+    def _structure(self, program: Program, values: dict, key: jax.Array) -> PlateStructure:
+        structure = plan(program, values, key)
         missing = sorted(set(structure.param_sites) - set(self.params))
         if missing:
             hint = "" if self._given_params else " (no params were given)"
@@ -307,6 +325,24 @@ class MarginalLikelihood:
                 f"`params` has no value for param site(s) {missing}{hint}. Pass the "
                 "fitted values, e.g. MarginalLikelihood(..., params=svi_result.params); "
                 "evaluating at initial values is rarely what is meant."
+            )
+        if structure.point_mass_sites:
+            raise ValueError(
+                f"Guide site(s) {list(structure.point_mass_sites)} are point masses "
+                "(Delta): every particle is the same point, so importance sampling would "
+                "report log p(x, z*) with a standard error of 0, a confident wrong "
+                "answer. Score a guide with a density instead, e.g. AutoNormal or "
+                "AutoMultivariateNormal(model, init_loc_fn=init_to_value(values="
+                "point_guide.median(params))) fitted for a few SVI steps."
+            )
+        for name, size, sub in structure.guide_only_subsampled:
+            raise ValueError(
+                f"The guide subsamples plate '{name}' to {sub} of {size} elements, but the "
+                "model, called with these arguments, does not subsample it: an AutoGuide "
+                "fixes each plate's subsample size the first time it runs (here, in "
+                "training). To score the full data, create a new guide of the same class "
+                "for the model, e.g. AutoNormal(model), and pass the fitted params to it: "
+                "its plates follow the arguments of its first call."
             )
         subsampled = [
             n
@@ -328,25 +364,40 @@ class MarginalLikelihood:
             whatever the chunk size.
         :return: a :class:`LogMarginalEstimate`.
         """
-        k, chunk = self.num_particles, self.chunk_size
+        values = {**self.params, **self.mutable_state}
+        Program(self.model, self.guide, args, kwargs).prepare_guide(values, rng_key)
+        dynamic, static = _split_static((args, kwargs))
+        estimate, nan_data = self._evaluate(rng_key, values, dynamic, static)
+        _raise_on_nan_data(nan_data, self._plate_names.get(static, ()))
+        return estimate
+
+    def _evaluate_traced(
+        self, rng_key: jax.Array, values: dict, dynamic: list, static: _Static
+    ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
+        args, kwargs = static.merge(dynamic)
+        k = self.num_particles
         plate_key, keys = split_keys(rng_key, k)
-        model, guide = seed_plates(self.model, self.guide, plate_key)
-        structure = self._structure(model, guide, args, kwargs, keys[0])
+        program = Program(self.model, self.guide, args, kwargs).with_seeded_plates(plate_key)
+        structure = self._structure(program, values, keys[0])
+
+        def chunk_log_w(chunk_keys: jax.Array) -> tuple[jax.Array, dict, dict]:
+            draw, model_fn = draw_with_keys(program, values, chunk_keys, _vmap, structure)
+            log_p, output = model_fn(draw.values, values)
+            log_w = nan_to_neginf(log_p - draw.log_q_rep - draw.log_q_score)
+            return log_w, draw.values, output.nan_data
+
+        chunk = self.chunk_size or self._auto_chunk(chunk_log_w, keys)
         num_chunks = -(-k // chunk)
         pad = num_chunks * chunk - k
         keys = jnp.concatenate([keys, keys[:pad]]) if pad else keys
         live = (jnp.arange(num_chunks * chunk) < k).reshape(num_chunks, chunk)
         keys = keys.reshape((num_chunks, chunk) + keys.shape[1:])
-        params = self.params
 
-        def chunk_log_w(chunk_keys: jax.Array, chunk_live: jax.Array) -> tuple[jax.Array, dict]:
-            draw, model_fn = draw_with_keys(
-                model, guide, params, args, kwargs, chunk_keys, _vmap, structure
-            )
-            log_p, _ = model_fn(draw.values, params)
-            log_w = nan_to_neginf(log_p - draw.log_q_rep - draw.log_q_score)
+        def masked_log_w(chunk_keys: jax.Array, chunk_live: jax.Array) -> tuple:
+            log_w, draw_values, nan_data = chunk_log_w(chunk_keys)
             mask = chunk_live.reshape((chunk,) + (1,) * (log_w.ndim - 1))
-            return jnp.where(mask, log_w, -jnp.inf), draw.values
+            nan_data = {n: jnp.any(v, axis=0) for n, v in nan_data.items()}
+            return jnp.where(mask, log_w, -jnp.inf), draw_values, nan_data
 
         m_top = min(psis_tail_length(k) + 1, k)
         shape = structure.sizes
@@ -356,30 +407,42 @@ class MarginalLikelihood:
             jnp.zeros(shape),
             jnp.full((m_top,) + shape, -jnp.inf),
         )
+        out_shapes = jax.eval_shape(lambda: masked_log_w(keys[0], live[0]))
+        nan0 = {n: jnp.zeros(v.shape, bool) for n, v in out_shapes[2].items()}
 
         num_samples = self.num_samples
         axes = {name: (ndim, ax) for name, ndim, ax in structure.value_axes}
         samples0 = {}
         if num_samples:
-            values_shape = jax.eval_shape(lambda: chunk_log_w(keys[0], live[0])[1])
             samples0 = {
-                n: jnp.zeros((num_samples,) + v.shape[1:], v.dtype) for n, v in values_shape.items()
+                n: jnp.zeros((num_samples,) + v.shape[1:], v.dtype)
+                for n, v in out_shapes[1].items()
             }
         resample_keys = jax.random.split(jax.random.fold_in(rng_key, 1), num_chunks)
 
         def body(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array | None]:
-            state, samples = carry
+            state, samples, nan_data = carry
             chunk_keys, chunk_live, resample_key = xs
-            log_w, values = chunk_log_w(chunk_keys, chunk_live)
+            log_w, draw_values, chunk_nan = masked_log_w(chunk_keys, chunk_live)
             new_state = _update(state, log_w)
             if num_samples:
-                samples = _resample(resample_key, samples, state, new_state, log_w, values, axes)
-            return (new_state, samples), (log_w if self.return_log_weights else None)
+                samples = _resample(
+                    resample_key, samples, state, new_state, log_w, draw_values, axes
+                )
+            nan_data = {n: nan_data[n] | chunk_nan[n] for n in nan_data}
+            return (new_state, samples, nan_data), (log_w if self.return_log_weights else None)
 
-        (state, samples), stacked = jax.lax.scan(
-            body, (init, samples0), (keys, live, resample_keys)
+        (state, samples, nan_data), stacked = jax.lax.scan(
+            body, (init, samples0, nan0), (keys, live, resample_keys)
         )
-        return self._estimate(state, stacked, k, samples if num_samples else None)
+        estimate = self._estimate(state, stacked, k, samples if num_samples else None)
+        self._plate_names[static] = structure.names  # for error messages
+        return estimate, nan_data
+
+    def _auto_chunk(self, chunk_log_w: Callable, keys: jax.Array) -> int:
+        """The largest chunk whose per-particle arrays fit in ``memory_budget``."""
+        per_particle = max(_jaxpr_bytes(jax.make_jaxpr(chunk_log_w)(keys[:1]).jaxpr), 1)
+        return int(min(self.num_particles, max(1, self.memory_budget // per_particle)))
 
     def _estimate(
         self, state: _Running, stacked: jax.Array | None, k: int, samples: dict | None
@@ -387,7 +450,8 @@ class MarginalLikelihood:
         pointwise = state.peak + jnp.log(state.s1) - math.log(k)
         ess = jnp.where(state.s2 > 0, state.s1**2 / jnp.where(state.s2 > 0, state.s2, 1.0), 0.0)
         variance = jnp.maximum(1.0 / ess - 1.0 / k, 0.0)
-        stderr = jnp.sqrt(jnp.sum(variance))
+        # One particle says nothing about the spread of the weights: unknown, not 0.
+        stderr = jnp.sqrt(jnp.sum(variance)) if k > 1 else jnp.float32(jnp.nan)
         k_hat = pareto_k_hat(state.top) if state.top.shape[0] > 1 else jnp.full(ess.shape, jnp.inf)
         log_weights = None
         if stacked is not None:
@@ -401,6 +465,81 @@ class MarginalLikelihood:
             log_weights=log_weights,
             samples=samples,
         )
+
+
+def _raise_on_nan_data(nan_data: dict[str, jax.Array], plates: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the observed sites whose data holds NaN (when the
+    flags are concrete; under a JAX transformation the estimate is NaN there).
+    """
+    if any(isinstance(v, jax.core.Tracer) for v in nan_data.values()):
+        return
+    bad = {n: np.argwhere(np.asarray(v)) for n, v in nan_data.items() if np.any(v)}
+    if not bad:
+        return
+    where = "; ".join(
+        f"'{n}' at {len(idx)} element(s) of plate(s) {list(plates)}, first {idx[0].tolist()}"
+        if plates
+        else f"'{n}'"
+        for n, idx in sorted(bad.items())
+    )
+    raise ValueError(
+        f"Observed data holds NaN: {where}. log p(x) is not defined there. Drop those "
+        "rows, or mask them (numpyro.handlers.mask, or obs_mask= in numpyro.sample)."
+    )
+
+
+def _jaxpr_bytes(jaxpr: Any) -> int:
+    """Total size of the arrays a jaxpr creates, nested jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = var.aval
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                total += math.prod(aval.shape) * aval.dtype.itemsize
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _jaxpr_bytes(inner)
+    return total
+
+
+class _Static:
+    """The non-array leaves of the call's arguments and their tree structure:
+    static under ``jit`` (hashed by value, or by identity when unhashable).
+    """
+
+    def __init__(self, treedef: Any, leaves: tuple, slots: tuple[bool, ...]) -> None:
+        self.treedef, self.leaves, self.slots = treedef, leaves, slots
+
+    def _key(self) -> tuple:
+        def one(v: Any) -> Any:
+            try:
+                hash(v)
+            except TypeError:
+                return ("id", id(v))
+            return (type(v), v)
+
+        return (self.treedef, self.slots, tuple(one(v) for v in self.leaves))
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and self._key() == other._key()
+
+    def merge(self, dynamic: list) -> Any:
+        dyn, stat = iter(dynamic), iter(self.leaves)
+        leaves = [next(dyn) if is_array else next(stat) for is_array in self.slots]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+def _split_static(tree: Any) -> tuple[list, _Static]:
+    leaves, treedef = jax.tree.flatten(tree)
+    slots = tuple(isinstance(v, (jax.Array, np.ndarray, np.generic)) for v in leaves)
+    dynamic = [v for v, is_array in zip(leaves, slots) if is_array]
+    static = tuple(v for v, is_array in zip(leaves, slots) if not is_array)
+    return dynamic, _Static(treedef, static, slots)
 
 
 def _vmap(fn: Callable, xs: Any) -> Any:

@@ -4,12 +4,13 @@ This module is the one place that runs user code. Everything downstream
 (estimators, objectives, evaluators) receives plain arrays plus a static
 :class:`PlateStructure` describing how those arrays factorize.
 
-For particle :math:`k` the guide is run to draw :math:`z_k \sim q_\phi(z \mid x)`,
+A :class:`Program` bundles the model, the guide and the arguments both are called
+with. For particle :math:`k` the guide is run to draw :math:`z_k \sim q_\phi(z \mid x)`,
 the model is run with its values substituted, and every sample site's ``log_prob`` is
 reduced to the *independent plates*: the plates that enclose every sample site of
-the model and the guide (observed sites included). Along those plates the joint
-density factorizes, so the importance-weighted bound can be formed separately per
-plate element (Burda et al., 2016, applied per datapoint):
+the model and the guide (observed sites and ``numpyro.factor`` sites included). Along
+those plates the joint density factorizes, so the importance-weighted bound can be
+formed separately per plate element (Burda et al., 2016, applied per datapoint):
 
 .. math::
 
@@ -20,22 +21,28 @@ where :math:`n` indexes the independent plate elements, every other dimension of
 a site's ``log_prob`` is summed, and :math:`c_s` is the site's scale *without*
 the subsampling factor :math:`N/B` of the independent plates. That factor is
 returned separately (:attr:`PlateStructure.scale`) because it must multiply the
-bound *outside* the ``logsumexp``.
+bound *outside* the ``logsumexp``. As in NumPyro's ``Trace_ELBO``, the guide's sum
+runs over *every* sample site of the guide: its latent draws and also its observed
+and ``numpyro.factor`` sites.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 import math
+import os
+import sys
 from typing import Any, NamedTuple
 import warnings
 
 import jax
 from jax import random
 import jax.numpy as jnp
+from numpyro import handlers
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
+from numpyro.primitives import Messenger
 
 from numpyro_iwae.estimators import nan_to_neginf
 
@@ -44,13 +51,14 @@ __all__ = [
     "JointWeightsWarning",
     "LARGE_PLATE_SIZE",
     "LogWeights",
+    "ModelOutput",
     "PlateStructure",
+    "Program",
     "check_subsampling",
     "draw_particles",
     "draw_with_keys",
     "log_weights",
     "plan",
-    "seed_plates",
     "split_keys",
 ]
 
@@ -72,9 +80,79 @@ class JointWeightsWarning(UserWarning):
     """
 
 
+@dataclass(frozen=True, eq=False)
+class Program:
+    """A model, its guide, and the arguments both are called with.
+
+    Objectives and evaluators pass this one record instead of threading the four
+    parts through every function. It is immutable: :meth:`with_seeded_plates`
+    returns a new record.
+
+    Attributes:
+        model: the NumPyro model.
+        guide: the NumPyro guide.
+        args: positional arguments of both.
+        kwargs: keyword arguments of both.
+
+    """
+
+    model: Callable
+    guide: Callable
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_seeded_plates(self, plate_key: jax.Array) -> Program:
+        """The same program with its plates (only) seeded by ``plate_key``, so every
+        particle drawn from it sees the same minibatch.
+        """
+        hide = ["sample", "prng_key", "control_flow"]
+        return replace(
+            self,
+            model=seed(self.model, plate_key, hide_types=hide),
+            guide=seed(self.guide, plate_key, hide_types=hide),
+        )
+
+    def trace_guide(self, params: Mapping[str, Any], key: jax.Array) -> Trace:
+        """Trace the guide with ``params`` substituted, seeded with ``key``; sampled
+        values keep their path to the guide's parameters.
+        """
+        with _without_rsample_stop_gradient():
+            guide = substitute(seed(self.guide, key), data=dict(params))
+            return trace(guide).get_trace(*self.args, **self.kwargs)
+
+    def trace_model(self, params: Mapping[str, Any], key: jax.Array, data: Mapping) -> Trace:
+        """Trace the model with ``params`` and then ``data`` (latent values, subsample
+        indices and mutable state from a guide trace) substituted; a guide value wins
+        a name clash with a parameter.
+        """
+        model = substitute(seed(self.model, key), data={**params, **data})
+        return trace(model).get_trace(*self.args, **self.kwargs)
+
+    def prepare_guide(self, params: Mapping[str, Any], key: jax.Array) -> None:
+        """Let an AutoGuide build its prototype from a concrete run.
+
+        An AutoGuide inspects the model on its first call and keeps what it finds.
+        If that first call happened under :func:`jax.eval_shape` or ``vmap`` (as the
+        objectives trace the guide), it would keep tracers and break any later use,
+        e.g. ``SVI.run``. ``SVI.init`` makes this call concretely; objectives and
+        evaluators used outside SVI call this first.
+        """
+        guide = _unwrap(self.guide)
+        if getattr(guide, "prototype_trace", False) is not None:
+            return
+        with handlers.block():
+            seed(substitute(guide, data=dict(params)), key)(*self.args, **self.kwargs)
+
+
+def _unwrap(fn: Callable) -> Callable:
+    while isinstance(fn, Messenger) and fn.fn is not None:
+        fn = fn.fn
+    return fn
+
+
 @dataclass(frozen=True)
 class PlateStructure:
-    """Static description of how the log weights factorize.
+    r"""Static description of how the log weights factorize.
 
     Attributes:
         names: the independent plates, i.e. the plates that enclose every sample
@@ -90,6 +168,16 @@ class PlateStructure:
             reparameterized sampler (e.g. ``Bernoulli``).
         outside_sites: sample sites that lie outside some joint plate (for
             error messages).
+        value_axes: ``(name, ndim, plate axes)`` of each guide latent value: where
+            the independent plates lie in its shape.
+        param_sites: every ``param`` site of model and guide.
+        guide_factor_sites: observed and ``numpyro.factor`` sites of the guide; they
+            enter :math:`\log q` but are not draws.
+        point_mass_sites: guide sites that are point masses (``Delta`` whose value
+            is not a transform of an auxiliary draw).
+        guide_only_subsampled: plates the guide subsamples although the model, called
+            on its own with the same arguments, does not (e.g. an AutoGuide that fixed
+            its plate's subsample size at first use).
 
     """
 
@@ -102,6 +190,9 @@ class PlateStructure:
     outside_sites: tuple[str, ...]
     value_axes: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
     param_sites: tuple[str, ...] = ()
+    guide_factor_sites: tuple[str, ...] = ()
+    point_mass_sites: tuple[str, ...] = ()
+    guide_only_subsampled: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def scale(self) -> float:
@@ -115,15 +206,19 @@ class LogWeights(NamedTuple):
     Every array has shape ``(K, *PlateStructure.sizes)``. The guide density is kept
     in three parts so each gradient estimator can take what it needs:
 
-    - ``log_q_rep``: guide sites with a reparameterized sampler, live parameters;
-    - ``log_q_rep_path``: the same sites with the guide's parameters under
-      ``stop_gradient`` (the sampled values keep their path to the parameters), as
-      STL and DReG need; equal in value to ``log_q_rep`` up to rounding;
+    - ``log_q_rep``: the guide terms differentiated along their path: sites with a
+      reparameterized sampler and the guide's observed and ``factor`` sites, live
+      parameters;
+    - ``log_q_rep_path``: the reparameterized sites with the guide's parameters
+      under ``stop_gradient`` (the sampled values keep their path to the
+      parameters), as STL and DReG need; equal in value to ``log_q_rep`` up to
+      rounding when the guide has no factor sites;
     - ``log_q_score``: sites without a reparameterized sampler (their values carry
       no gradient), live parameters: the score-function part.
 
     ``mutable_state`` holds the values of ``mutable`` sites with a leading particle
-    axis (``None`` when there are none).
+    axis (``None`` when there are none). ``nan_data`` is ``True`` at the plate
+    elements where an observed value of the model is NaN (and not masked).
     """
 
     log_p: jax.Array
@@ -131,6 +226,7 @@ class LogWeights(NamedTuple):
     log_q_rep_path: jax.Array | None
     log_q_score: jax.Array
     mutable_state: dict[str, Any] | None
+    nan_data: jax.Array | None = None
 
     @property
     def log_q(self) -> jax.Array:
@@ -140,9 +236,22 @@ class LogWeights(NamedTuple):
     @property
     def log_w(self) -> jax.Array:
         """``log p - log q``; a NaN (a density evaluated outside its support) is
-        mapped to ``-inf``, i.e. weight zero.
+        mapped to ``-inf``, i.e. weight zero, except where the observed data is NaN,
+        which stays NaN.
         """
-        return nan_to_neginf(self.log_p - self.log_q)
+        return mark_nan_data(nan_to_neginf(self.log_p - self.log_q), self.nan_data)
+
+
+def mark_nan_data(log_w: jax.Array, nan_data: jax.Array | None) -> jax.Array:
+    """Set the log weights of plate elements with NaN observed data to NaN.
+
+    A NaN log weight is otherwise read as weight zero (a latent value outside its
+    support); NaN *data* is an error of the input and must show in the result
+    rather than pass as a bound of ``-inf``.
+    """
+    if nan_data is None:
+        return log_w
+    return jnp.where(nan_data, jnp.nan, log_w)
 
 
 class GuideDraw(NamedTuple):
@@ -161,6 +270,15 @@ class GuideDraw(NamedTuple):
     mutable_state: dict[str, Any]
 
 
+class ModelOutput(NamedTuple):
+    """What a model evaluation returns beside ``log p``: the mutable state and, per
+    observed site with NaN data, a boolean over the independent plates.
+    """
+
+    mutable_state: dict[str, Any]
+    nan_data: dict[str, jax.Array]
+
+
 def _sample_sites(tr: Trace) -> dict[str, dict[str, Any]]:
     # Sites are kept even when their value is empty: a ``numpyro.factor`` site
     # has an empty value but a non-empty log density.
@@ -173,7 +291,7 @@ def _is_latent(site: dict[str, Any]) -> bool:
 
 def _check_sites(model_trace: Trace, guide_trace: Trace) -> None:
     """Raise a ValueError unless every model latent is drawn by the guide and
-    every non-auxiliary guide site is a latent of the model, with matching shapes.
+    every non-auxiliary guide draw is a latent of the model, with matching shapes.
     """
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
@@ -211,12 +329,37 @@ def _check_sites(model_trace: Trace, guide_trace: Trace) -> None:
             )
 
 
+def _base_distribution(fn: Any) -> Any:
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
+def _point_mass_sites(guide_trace: Trace) -> tuple[str, ...]:
+    """Guide draws that are point masses.
+
+    A ``Delta`` site is a deterministic transform (carrying its log-Jacobian) when
+    the guide draws an auxiliary variable it can be a transform of, as
+    ``AutoContinuous`` guides do. A ``Delta`` auxiliary site, or a ``Delta`` in a
+    guide without random auxiliary draws, is a point mass (``AutoDelta``, the
+    training guide of ``AutoLaplaceApproximation``).
+    """
+    draws = {n: s for n, s in _sample_sites(guide_trace).items() if not s["is_observed"]}
+    is_delta = {n: type(_base_distribution(s["fn"])).__name__ == "Delta" for n, s in draws.items()}
+    random_aux = any(
+        not is_delta[n] and s["infer"].get("is_auxiliary", False) for n, s in draws.items()
+    )
+    return tuple(
+        sorted(
+            n
+            for n, s in draws.items()
+            if is_delta[n] and (s["infer"].get("is_auxiliary", False) or not random_aux)
+        )
+    )
+
+
 def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
-    sites = list(_sample_sites(model_trace).values()) + [
-        s for s in _sample_sites(guide_trace).values() if not s["is_observed"]
-    ]
-    if not sites:
-        raise ValueError("The model and guide have no sample sites.")
+    sites = list(_sample_sites(model_trace).values()) + list(_sample_sites(guide_trace).values())
 
     def full_size(name: str, fallback: int) -> int:
         for tr in (model_trace, guide_trace):
@@ -225,12 +368,12 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
         return fallback
 
     stacks = [{f.name: f for f in s["cond_indep_stack"]} for s in sites]
-    common = set.intersection(*(set(st) for st in stacks))
+    common = set.intersection(*(set(st) for st in stacks)) if stacks else set()
     all_plates: dict[str, Any] = {}
     for st in stacks:
         all_plates.update(st)
     # Order the independent plates as the model's first site does (outermost first).
-    ref = stacks[0]
+    ref = stacks[0] if stacks else {}
     names = tuple(sorted(common, key=lambda n: ref[n].dim))
     sizes = tuple(int(ref[n].size) for n in names)
     for st in stacks:
@@ -251,15 +394,14 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
     outside = tuple(
         sorted({s["name"] for s, st in zip(sites, stacks) if set(all_plates) - set(st)})
     )
+    guide_sites = _sample_sites(guide_trace)
     nonreparam = tuple(
         sorted(
-            n
-            for n, s in _sample_sites(guide_trace).items()
-            if not s["is_observed"] and not s["fn"].has_rsample
+            n for n, s in guide_sites.items() if not s["is_observed"] and not s["fn"].has_rsample
         )
     )
     value_axes = []
-    for name, site in sorted(_sample_sites(guide_trace).items()):
+    for name, site in sorted(guide_sites.items()):
         if site["is_observed"] or not _is_latent(site):
             continue
         ndim = jnp.ndim(site["value"])
@@ -271,9 +413,15 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
             {n for tr in (model_trace, guide_trace) for n, s in tr.items() if s["type"] == "param"}
         )
     )
+    guide_only = []
+    for name, site in sorted(guide_trace.items()):
+        if site["type"] != "plate" or name not in model_trace:
+            continue
+        size, guide_sub = site["args"]
+        model_sub = model_trace[name]["args"][1]
+        if guide_sub is not None and guide_sub != size and model_sub in (None, size):
+            guide_only.append((name, int(size), int(guide_sub)))
     return PlateStructure(
-        param_sites=param_sites,
-        value_axes=tuple(value_axes),
         names=names,
         sizes=sizes,
         full_sizes=tuple(full_size(n, b) for n, b in zip(names, sizes)),
@@ -281,7 +429,31 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
         subsampled_joint_plates=subsampled_joint,
         nonreparam_sites=nonreparam,
         outside_sites=outside,
+        value_axes=tuple(value_axes),
+        param_sites=param_sites,
+        guide_factor_sites=tuple(sorted(n for n, s in guide_sites.items() if s["is_observed"])),
+        point_mass_sites=_point_mass_sites(guide_trace),
+        guide_only_subsampled=tuple(guide_only),
     )
+
+
+def _to_plates(
+    array: jax.Array, site: dict[str, Any], structure: PlateStructure, reduce: Callable
+) -> jax.Array:
+    """Reduce a site's batch-shaped ``array`` onto the independent plates with
+    ``reduce`` (``jnp.sum``/``jnp.any``) over every other dimension.
+    """
+    frames = {f.name: f for f in site["cond_indep_stack"]}
+    dims = [frames[name].dim for name in structure.names]
+    ndim = max([jnp.ndim(array)] + [-d for d in dims])
+    array = jnp.reshape(array, (1,) * (ndim - jnp.ndim(array)) + jnp.shape(array))
+    keep = [ndim + d for d in dims]
+    summed = tuple(ax for ax in range(ndim) if ax not in keep)
+    array = reduce(array, axis=summed, keepdims=True)
+    # Move the kept axes into the canonical order, then drop the reduced ones.
+    array = jnp.moveaxis(array, keep, range(ndim - len(keep), ndim))
+    array = jnp.reshape(array, jnp.shape(array)[ndim - len(keep) :])
+    return jnp.broadcast_to(array, structure.sizes)
 
 
 def _site_log_density(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
@@ -290,41 +462,155 @@ def _site_log_density(site: dict[str, Any], structure: PlateStructure) -> jax.Ar
     The subsampling factor of the independent plates is removed from the scale
     (it is applied outside the logsumexp by the objective).
     """
+    return _to_plates(_site_log_prob(site, structure), site, structure, jnp.sum)
+
+
+def _site_log_prob(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
     fn, value = site["fn"], site["value"]
     if site["intermediates"]:
         log_prob = fn.log_prob(value, site["intermediates"])
     else:
         log_prob = fn.log_prob(value)
-    frames = {f.name: f for f in site["cond_indep_stack"]}
     scale = site["scale"]
     if scale is not None:
+        frames = {f.name for f in site["cond_indep_stack"]}
         plate_factor = 1.0
         for name, full, sub in zip(structure.names, structure.full_sizes, structure.sizes):
             if name in frames and full != sub:
                 plate_factor *= full / sub
         log_prob = log_prob * (scale / plate_factor)
+    return log_prob
 
-    dims = [frames[name].dim for name in structure.names]
-    ndim = max([jnp.ndim(log_prob)] + [-d for d in dims])
-    log_prob = jnp.reshape(log_prob, (1,) * (ndim - jnp.ndim(log_prob)) + jnp.shape(log_prob))
-    keep = [ndim + d for d in dims]
-    summed = tuple(ax for ax in range(ndim) if ax not in keep)
-    log_prob = jnp.sum(log_prob, axis=summed, keepdims=True)
-    # Move the kept axes into the canonical order, then drop the summed ones.
-    log_prob = jnp.moveaxis(log_prob, keep, range(ndim - len(keep), ndim))
-    log_prob = jnp.reshape(log_prob, jnp.shape(log_prob)[ndim - len(keep) :])
-    return jnp.broadcast_to(log_prob, structure.sizes)
+
+def _nan_data(site: dict[str, Any], log_prob: jax.Array, structure: PlateStructure) -> jax.Array:
+    """Plate elements where an observed value is NaN and not masked (its
+    ``log_prob`` is NaN, or ``-inf`` under NumPyro's validation, there; a mask makes
+    it 0).
+    """
+    value = jnp.asarray(site["value"])
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+        return jnp.zeros(structure.sizes, bool)
+    event_dim = min(site["fn"].event_dim, value.ndim)
+    nan = jnp.isnan(value)
+    if event_dim:
+        nan = jnp.any(nan, axis=tuple(range(-event_dim, 0)))
+    bad = ~jnp.isfinite(log_prob) & nan
+    return _to_plates(bad, site, structure, jnp.any)
 
 
 def _mutable_values(tr: Trace) -> dict[str, Any]:
     return {n: s["value"] for n, s in tr.items() if s["type"] == "mutable"}
 
 
+def _draw_data(tr: Trace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """What the model sees of a guide trace: latent values, subsample indices of
+    the guide's plates, and mutable state.
+    """
+    values = {n: s["value"] for n, s in _sample_sites(tr).items() if _is_latent(s)}
+    plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}
+    return values, plates, _mutable_values(tr)
+
+
+def trace_pair(
+    program: Program, params: Mapping[str, Any], rng_key: jax.Array
+) -> tuple[Trace, Trace]:
+    """Run the guide, then the model against its draw, for one particle.
+
+    ``rng_key`` holds two keys, ``(model_key, guide_key)``. The model is run
+    exactly as the objectives run it, so the checks and the plate structure found
+    here describe the computation that follows.
+    """
+    model_key, guide_key = rng_key
+    guide_trace = program.trace_guide(params, guide_key)
+    values, plates, mutable = _draw_data(guide_trace)
+    model_trace = program.trace_model(params, model_key, {**mutable, **plates, **values})
+    return model_trace, guide_trace
+
+
+class _MutableRecorder(Messenger):
+    """Records ``mutable`` sites that were reached without a value."""
+
+    def __init__(self, fn: Callable | None = None) -> None:
+        self.empty: list[str] = []
+        super().__init__(fn)
+
+    def postprocess_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "mutable" and msg["value"] is None:
+            self.empty.append(msg["name"])
+
+
+def plan(program: Program, params: Mapping[str, Any], rng_key: jax.Array) -> PlateStructure:
+    """Trace one particle abstractly (no values are computed) to check that model
+    and guide match and to find the plate structure; raises ``ValueError`` on a
+    mismatch.
+
+    Abstract tracing matters: a concrete particle could be extreme (a flow's draw
+    far in the tail) and trip NumPyro's eager argument validation, where under
+    ``jit`` the same particle simply gets weight zero. As under SVI's ``jit``,
+    data must be indexable by traced subsample indices (JAX arrays, or
+    ``numpyro.subsample``).
+    """
+    found: list[PlateStructure] = []
+    recorder = _MutableRecorder()
+
+    def probe(key: jax.Array) -> None:
+        with recorder:
+            model_trace, guide_trace = trace_pair(program, params, key)
+        _check_sites(model_trace, guide_trace)
+        found.append(_plate_structure(model_trace, guide_trace))
+
+    try:
+        jax.eval_shape(probe, rng_key)
+    except Exception as err:
+        if recorder.empty:
+            raise ValueError(
+                f"The model or guide failed ({type(err).__name__}: {err}) after reaching "
+                f"mutable site(s) {sorted(set(recorder.empty))} with no value. Their state "
+                "is not part of `params`: pass it too, e.g. "
+                "mutable_state=svi_result.state.mutable_state."
+            ) from err
+        raise
+    return found[0]
+
+
+ModelFn = Callable[[dict[str, jax.Array], dict[str, Any]], tuple[jax.Array, ModelOutput]]
+
+
+def split_keys(rng_key: jax.Array, num_particles: int) -> tuple[jax.Array, jax.Array]:
+    """``(plate_key, particle_keys)``: one key that seeds every subsampled plate (so
+    all particles share a minibatch) and a ``(model, guide)`` key pair per particle,
+    from one batched split.
+    """
+    plate_key, particle_key = random.split(rng_key)
+    return plate_key, random.split(particle_key, (num_particles, 2))
+
+
+def _guide_stage(
+    program: Program,
+    params: Mapping[str, Any],
+    key: jax.Array,
+    structure: PlateStructure,
+    path: bool,
+) -> GuideDraw:
+    """One particle's guide draw: values for the model and the parts of ``log q``
+    (the stopped-parameter part only when ``path``).
+    """
+    tr = program.trace_guide(params, key)
+    zeros = jnp.zeros(structure.sizes)
+    rep, score = zeros, zeros
+    for site in _sample_sites(tr).values():
+        if site["is_observed"] or site["fn"].has_rsample:
+            rep = rep + _site_log_density(site, structure)
+        else:
+            score = score + _site_log_density(site, structure)
+    values, plates, mutable = _draw_data(tr)
+    rep_path = _path_log_density(program, params, key, tr, structure) if path else None
+    return GuideDraw(values, plates, rep, rep_path, score, mutable)
+
+
 def _path_log_density(
-    guide: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
+    program: Program,
+    params: Mapping[str, Any],
     key: jax.Array,
     tr: Trace,
     structure: PlateStructure,
@@ -341,11 +627,9 @@ def _path_log_density(
     from the substituted sample, i.e. along its path.
     """
     data = {n: s["value"] for n, s in tr.items() if s["type"] in ("sample", "plate")}
-    stopped = jax.tree.map(jax.lax.stop_gradient, params)
+    stopped = jax.tree.map(jax.lax.stop_gradient, dict(params))
     try:
-        rerun = trace(substitute(seed(guide, key), data={**stopped, **data})).get_trace(
-            *args, **kwargs
-        )
+        rerun = program.trace_guide({**stopped, **data}, key)
         total = jnp.zeros(structure.sizes)
         for site in _sample_sites(rerun).values():
             if not site["is_observed"] and site["fn"].has_rsample:
@@ -359,159 +643,32 @@ def _path_log_density(
     return total
 
 
-def trace_pair(
-    model: Callable,
-    guide: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
-    rng_key: jax.Array,
-) -> tuple[Trace, Trace]:
-    """Run the guide, then the model against its draw, for one particle.
-
-    ``rng_key`` holds two keys, ``(model_key, guide_key)``. The model is run
-    exactly as the objectives run it (:func:`_trace_model`), so the checks and the
-    plate structure found here describe the computation that follows.
-    """
-    model_key, guide_key = rng_key
-    guide_trace = _trace_guide(guide, params, args, kwargs, guide_key)
-    values, plates, mutable = _draw_data(guide_trace)
-    model_trace = _trace_model(model, params, args, kwargs, model_key, mutable, plates, values)
-    return model_trace, guide_trace
-
-
-def _draw_data(tr: Trace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """What the model sees of a guide trace: latent values, subsample indices of
-    the guide's plates, and mutable state.
-    """
-    values = {n: s["value"] for n, s in _sample_sites(tr).items() if _is_latent(s)}
-    plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}
-    return values, plates, _mutable_values(tr)
-
-
-def _trace_model(
-    model: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
-    key: jax.Array,
-    mutable: dict[str, Any],
-    plates: dict[str, Any],
-    values: dict[str, Any],
-) -> Trace:
-    """Trace the model with the guide's latent values, minibatch and mutable state
-    substituted (parameters first, so a guide value wins a name clash).
-    """
-    data = {**params, **mutable, **plates, **values}
-    return trace(substitute(seed(model, key), data=data)).get_trace(*args, **kwargs)
-
-
-def _trace_guide(guide: Callable, params: dict, args: tuple, kwargs: dict, key) -> Trace:
-    with _without_rsample_stop_gradient():
-        return trace(substitute(seed(guide, key), data=params)).get_trace(*args, **kwargs)
-
-
-def _guide_stage(
-    guide: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
-    key: jax.Array,
-    structure: PlateStructure,
-    path: bool,
-) -> GuideDraw:
-    """One particle's guide draw: values for the model and the parts of ``log q``
-    (the stopped-parameter part only when ``path``).
-    """
-    tr = _trace_guide(guide, params, args, kwargs, key)
-    zeros = jnp.zeros(structure.sizes)
-    rep, score = zeros, zeros
-    for site in _sample_sites(tr).values():
-        if site["is_observed"]:
-            continue
-        if site["fn"].has_rsample:
-            rep = rep + _site_log_density(site, structure)
-        else:
-            score = score + _site_log_density(site, structure)
-    values, plates, mutable = _draw_data(tr)
-    rep_path = _path_log_density(guide, params, args, kwargs, key, tr, structure) if path else None
-    return GuideDraw(values, plates, rep, rep_path, score, mutable)
-
-
 def _model_stage(
-    model: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
+    program: Program,
+    params: Mapping[str, Any],
     key: jax.Array,
     structure: PlateStructure,
     draw: GuideDraw,
-) -> tuple[jax.Array, dict[str, Any]]:
-    """One particle's ``log p(x, z)`` with z from the guide draw, and mutable state."""
-    tr = _trace_model(
-        model, params, args, kwargs, key, draw.mutable_state, draw.plates, draw.values
-    )
+) -> tuple[jax.Array, ModelOutput]:
+    """One particle's ``log p(x, z)`` with z from the guide draw, its mutable state
+    and where its observed data is NaN.
+    """
+    data = {**draw.mutable_state, **draw.plates, **draw.values}
+    tr = program.trace_model(params, key, data)
     log_p = jnp.zeros(structure.sizes)
-    for site in _sample_sites(tr).values():
-        log_p = log_p + _site_log_density(site, structure)
-    return log_p, {**draw.mutable_state, **_mutable_values(tr)}
-
-
-def plan(
-    model: Callable,
-    guide: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
-    rng_key: jax.Array,
-) -> PlateStructure:
-    """Trace one particle abstractly (no values are computed) to check that model
-    and guide match and to find the plate structure; raises ``ValueError`` on a
-    mismatch.
-
-    Abstract tracing matters: a concrete particle could be extreme (a flow's draw
-    far in the tail) and trip NumPyro's eager argument validation, where under
-    ``jit`` the same particle simply gets weight zero. As under SVI's ``jit``,
-    data must be indexable by traced subsample indices (JAX arrays, or
-    ``numpyro.subsample``).
-    """
-    found: list[PlateStructure] = []
-
-    def probe(key: jax.Array) -> None:
-        model_trace, guide_trace = trace_pair(model, guide, params, args, kwargs, key)
-        _check_sites(model_trace, guide_trace)
-        found.append(_plate_structure(model_trace, guide_trace))
-
-    jax.eval_shape(probe, rng_key)
-    return found[0]
-
-
-ModelFn = Callable[[dict[str, jax.Array], dict[str, Any]], tuple[jax.Array, Any]]
-
-
-def split_keys(rng_key: jax.Array, num_particles: int) -> tuple[jax.Array, jax.Array]:
-    """``(plate_key, particle_keys)``: one key that seeds every subsampled plate (so
-    all particles share a minibatch) and a ``(model, guide)`` key pair per particle,
-    from one batched split.
-    """
-    plate_key, particle_key = random.split(rng_key)
-    return plate_key, random.split(particle_key, (num_particles, 2))
-
-
-def seed_plates(
-    model: Callable, guide: Callable, plate_key: jax.Array
-) -> tuple[Callable, Callable]:
-    """Model and guide whose plates (only) are seeded with ``plate_key``."""
-    hide = ["sample", "prng_key", "control_flow"]
-    return seed(model, plate_key, hide_types=hide), seed(guide, plate_key, hide_types=hide)
+    nan_data = {}
+    for name, site in _sample_sites(tr).items():
+        log_prob = _site_log_prob(site, structure)
+        log_p = log_p + _to_plates(log_prob, site, structure, jnp.sum)
+        if site["is_observed"]:
+            nan_data[name] = _nan_data(site, log_prob, structure)
+    mutable = {**draw.mutable_state, **_mutable_values(tr)}
+    return log_p, ModelOutput(mutable, nan_data)
 
 
 def draw_particles(
-    model: Callable,
-    guide: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
+    program: Program,
+    params: Mapping[str, Any],
     rng_key: jax.Array,
     num_particles: int,
     vectorize: VectorizeFn,
@@ -524,25 +681,21 @@ def draw_particles(
     With ``path=True`` the draw also holds ``log_q_rep_path`` (``None``
     otherwise), which costs a second, gradient-free pass of the guide.
 
-    ``model_fn(values, params) -> (log_p, mutable_state)`` evaluates all K
+    ``model_fn(values, params) -> (log_p, ModelOutput)`` evaluates all K
     particles; it closes over the model keys, minibatch and data, so an objective
     can wrap it (e.g. in a ``custom_vjp``) without running user code twice.
     """
     plate_key, keys = split_keys(rng_key, num_particles)
-    model, guide = seed_plates(model, guide, plate_key)
-    structure = plan(model, guide, params, args, kwargs, keys[0])
-    draw, model_fn = draw_with_keys(
-        model, guide, params, args, kwargs, keys, vectorize, structure, path=path
-    )
+    program.prepare_guide(params, plate_key)
+    program = program.with_seeded_plates(plate_key)
+    structure = plan(program, params, keys[0])
+    draw, model_fn = draw_with_keys(program, params, keys, vectorize, structure, path=path)
     return draw, model_fn, structure
 
 
 def draw_with_keys(
-    model: Callable,
-    guide: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
+    program: Program,
+    params: Mapping[str, Any],
     keys: jax.Array,
     vectorize: VectorizeFn,
     structure: PlateStructure,
@@ -550,19 +703,20 @@ def draw_with_keys(
     path: bool = False,
 ) -> tuple[GuideDraw, ModelFn]:
     """:func:`draw_particles` for given particle keys (shape ``(K, 2)``) and a known
-    structure; ``model`` and ``guide`` must already have their plates seeded
-    (:func:`seed_plates`). Used to draw a long run of particles chunk by chunk.
+    structure; the program's plates must already be seeded
+    (:meth:`Program.with_seeded_plates`). Used to draw a long run of particles chunk
+    by chunk.
     """
 
     def guide_stage(key: jax.Array) -> GuideDraw:
-        return _guide_stage(guide, params, args, kwargs, key, structure, path)
+        return _guide_stage(program, params, key, structure, path)
 
     draw = _map_particles(vectorize, guide_stage, keys[:, 1])
 
     def model_fn(values: dict[str, jax.Array], model_params: dict[str, Any]):
-        def one(inputs: tuple) -> tuple[jax.Array, dict[str, Any]]:
+        def one(inputs: tuple) -> tuple[jax.Array, ModelOutput]:
             key, one_draw = inputs
-            return _model_stage(model, model_params, args, kwargs, key, structure, one_draw)
+            return _model_stage(program, model_params, key, structure, one_draw)
 
         return _map_particles(vectorize, one, (keys[:, 0], draw._replace(values=values)))
 
@@ -571,16 +725,23 @@ def draw_with_keys(
 
 def _map_particles(vectorize: VectorizeFn, fn: Callable, xs: Any) -> Any:
     if jax.tree.leaves(xs)[0].shape[0] == 1:  # no particle map: avoids batch-of-one work
-        return jax.tree.map(lambda v: v[None], fn(jax.tree.map(lambda v: v[0], xs)))
+        out = fn(jax.tree.map(lambda v: v[0], xs))
+        return jax.tree.map(lambda v: jnp.expand_dims(jnp.asarray(v), 0), out)
     return vectorize(fn, xs)
 
 
+def any_nan_data(output: ModelOutput) -> jax.Array | None:
+    """Plate elements with NaN observed data at any site (``None`` if the model
+    observes nothing), from a K-particle :class:`ModelOutput`.
+    """
+    if not output.nan_data:
+        return None
+    return jnp.any(jnp.stack([v[0] for v in output.nan_data.values()]), axis=0)
+
+
 def log_weights(
-    model: Callable,
-    guide: Callable,
-    params: dict[str, Any],
-    args: tuple,
-    kwargs: dict[str, Any],
+    program: Program,
+    params: Mapping[str, Any],
     rng_key: jax.Array,
     num_particles: int,
     vectorize: VectorizeFn,
@@ -592,9 +753,8 @@ def log_weights(
     independently per particle.
 
     Args:
-        model, guide: NumPyro callables.
+        program: model, guide and their arguments.
         params: values for ``param`` (and ``mutable``) sites, constrained.
-        args, kwargs: passed to both model and guide.
         rng_key: a JAX PRNG key.
         num_particles: K, the number of particles.
         vectorize: maps a function over the leading axis of a pytree
@@ -605,13 +765,34 @@ def log_weights(
 
     """
     draw, model_fn, structure = draw_particles(
-        model, guide, params, args, kwargs, rng_key, num_particles, vectorize, path=True
+        program, params, rng_key, num_particles, vectorize, path=True
     )
-    log_p, mutable = model_fn(draw.values, params)
+    log_p, output = model_fn(draw.values, params)
     weights = LogWeights(
-        log_p, draw.log_q_rep, draw.log_q_rep_path, draw.log_q_score, mutable or None
+        log_p,
+        draw.log_q_rep,
+        draw.log_q_rep_path,
+        draw.log_q_score,
+        output.mutable_state or None,
+        any_nan_data(output),
     )
     return weights, structure
+
+
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(m.__file__) + os.sep
+    for m in (sys.modules["jax"], sys.modules["numpyro"], sys.modules[__name__.split(".")[0]])
+)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside
+    this package, NumPyro and JAX: the user's line.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_subsampling(structure: PlateStructure, num_particles: int) -> None:
@@ -630,17 +811,22 @@ def check_subsampling(structure: PlateStructure, num_particles: int) -> None:
             f"{list(structure.outside_sites)}). With global latent variables the "
             "importance weights are joint over all data, and no unbiased "
             "minibatch estimate of the K-particle bound exists (rescaling inside "
-            "the logsumexp is biased). Use the full data (no subsample_size), or "
-            "num_particles=1 (the ELBO), or move the global latents into the guide's "
-            "point estimates (numpyro.param)."
+            "the logsumexp is biased). Use num_particles=1 (the ELBO, e.g. "
+            "Trace_ELBO), or move the global latents into the guide's point "
+            "estimates (numpyro.param)."
         )
     large = [(n, size) for n, size in structure.joint_plates if size >= LARGE_PLATE_SIZE]
     if large and num_particles > 1:
         warnings.warn(
             f"The importance weights are joint over plate(s) {large} because "
-            f"site(s) {list(structure.outside_sites)} lie outside them. The bound is "
-            "valid but approaches the ELBO as the plate grows; the per-datapoint "
-            "bound needs every sample site inside the data plate.",
+            f"site(s) {list(structure.outside_sites)} lie outside them: one weight per "
+            "particle for the whole data. The bound is valid, but with many datapoints "
+            "the K particles' weights are dominated by one, the bound is barely above "
+            "the ELBO and the guide's gradient is noisier than the ELBO's; such fits "
+            "can end worse than Trace_ELBO's (a 10,000-row logistic regression: "
+            "w4 = 2.48 +- 0.84 against 2.94 from NUTS and Trace_ELBO). For a global "
+            "latent next to a large data plate prefer Trace_ELBO; IWELBO pays off when "
+            "every latent is local to a plate element.",
             JointWeightsWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )

@@ -143,18 +143,10 @@ def test_subsampled_plate_is_unbiased_for_full_data_bound():
 
     # The test can tell: scaling N/B *inside* the logsumexp is a visible bias.
     def inside(key):
-        from numpyro_iwae.weights import log_weights
+        from numpyro_iwae.weights import Program, log_weights
 
-        weights, structure = log_weights(
-            subsampled_model,
-            subsampled_guide,
-            params,
-            (x, 3),
-            {},
-            key,
-            8,
-            lambda f, k: jax.vmap(f)(k),
-        )
+        program = Program(subsampled_model, subsampled_guide, (x, 3))
+        weights, structure = log_weights(program, params, key, 8, lambda f, k: jax.vmap(f)(k))
         scaled = structure.scale * weights.log_w
         return jnp.sum(jax.nn.logsumexp(scaled, axis=0) - math.log(8))
 
@@ -476,8 +468,9 @@ def test_joint_weights_warning_for_large_plates_only():
     def guide(x):
         numpyro.sample("z", dist.Normal(0.0, 1.0))
 
-    with pytest.warns(JointWeightsWarning, match="data"):
+    with pytest.warns(JointWeightsWarning, match="data.*prefer Trace_ELBO") as record:
         IWELBO(4).loss(jax.random.key(0), {}, model, guide, jnp.zeros(100))
+    assert record[0].filename == __file__  # points at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error", JointWeightsWarning)
         IWELBO(4).loss(jax.random.key(0), {}, model, guide, jnp.zeros(99))

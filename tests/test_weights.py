@@ -12,7 +12,7 @@ import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoDiagonalNormal
 
 from numpyro_iwae.estimators import iwae_bound
-from numpyro_iwae.weights import log_weights
+from numpyro_iwae.weights import Program, log_weights
 
 A = np.array([1.0, -0.5, 2.0])
 B = np.array([0.1, 0.0, -0.3])
@@ -40,7 +40,7 @@ def guide(x):
 
 
 def weights(model, guide, *args, k=4, key=0, **kwargs):
-    return log_weights(model, guide, {}, args, kwargs, jax.random.key(key), k, vmap)
+    return log_weights(Program(model, guide, args, kwargs), {}, jax.random.key(key), k, vmap)
 
 
 def test_local_latents_give_one_weight_per_datapoint():
@@ -79,7 +79,7 @@ def test_per_datapoint_bound_matches_independent_monte_carlo():
 
 
 def weights_from_key(key, k):
-    return log_weights(model, guide, {}, (X,), {}, key, k, vmap)[0].log_w
+    return log_weights(Program(model, guide, (X,)), {}, key, k, vmap)[0].log_w
 
 
 def test_global_latent_makes_weights_joint():
@@ -102,7 +102,7 @@ def test_autodiagonal_guide_is_joint_over_its_plate():
     # weights cannot be split per datapoint even though the model's can.
     g = AutoDiagonalNormal(model)
     params = {"auto_loc": jnp.zeros(5), "auto_scale": jnp.ones(5)}
-    w, structure = log_weights(model, g, params, (X,), {}, jax.random.key(0), 3, vmap)
+    w, structure = log_weights(Program(model, g, (X,)), params, jax.random.key(0), 3, vmap)
     assert structure.names == () and w.log_p.shape == (3,)
 
 
