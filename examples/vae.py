@@ -491,22 +491,46 @@ def pictures(arch: Architecture, params: dict, test: np.ndarray, key, out: Path,
 # ---------------------------------------------------------------- main
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+        epilog=(
+            "The defaults are Burda et al.'s full protocol: 3280 epochs, then K = 5000 "
+            "particles on each of the 10,000 test images. That takes days on a 2-core CPU. "
+            "For a first run: --minutes 5 --test-size 1000 --eval-particles 500."
+        ),
+    )
     p.add_argument(
         "--data",
         type=Path,
         default=Path("../shared/data"),
         help="directory with binarized_mnist.npz / mnist.npz, or one of the files",
     )
-    p.add_argument("--binarization", choices=("static", "dynamic"), default="static")
-    p.add_argument("--layers", type=int, choices=sorted(ARCHITECTURES), default=1)
+    p.add_argument(
+        "--binarization",
+        choices=("static", "dynamic"),
+        default="static",
+        help="static: binarized_mnist.npz; dynamic: a fresh draw from mnist.npz per batch",
+    )
+    p.add_argument(
+        "--layers", type=int, choices=sorted(ARCHITECTURES), default=1, help="stochastic layers"
+    )
     p.add_argument(
         "--prior-proposal",
         action="store_true",
         help="2-D latent, no encoder: the guide samples z from the prior (K = 128)",
     )
-    p.add_argument("--objective", choices=OBJECTIVES, default="iwae")
+    p.add_argument("--objective", choices=OBJECTIVES, default="iwae", help="training objective")
     p.add_argument(
         "--k",
         type=int,
@@ -526,7 +550,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="stop before an epoch that would end past this training time",
     )
-    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=20, help="images per SVI step")
     p.add_argument("--lr", type=float, default=1e-3, help="(initial) Adam learning rate")
     p.add_argument(
         "--schedule",
@@ -534,12 +558,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="burda",
         help="burda: stage i = 0..7 lasts 3^i epochs at lr * 10^(-i/7)",
     )
-    p.add_argument("--train-size", type=int, default=None, help="use the first N training images")
-    p.add_argument("--test-size", type=int, default=None, help="score the first N test images")
-    p.add_argument("--eval-particles", type=int, default=5000)
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on N training images drawn at random (with --seed); default all",
+    )
+    p.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help="score N test images drawn at random (with --seed; the files are sorted by "
+        "digit, so the first N would be one digit); default all",
+    )
+    p.add_argument(
+        "--eval-particles", type=int, default=5000, help="particles per test image for log p(x)"
+    )
     p.add_argument("--eval-batch", type=int, default=1000, help="test images per evaluation call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("out"))
+    p.add_argument("--seed", type=int, default=0, help="seed of training, subsets and scoring")
+    p.add_argument("--out", type=Path, default=Path("out"), help="directory for the outputs")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     if args.k is None:
@@ -561,6 +598,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def random_rows(images: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """``n`` rows drawn without replacement (in their original order), or all rows."""
+    if n is None or n >= len(images):
+        return images
+    rows = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+    return images[rows]
+
+
 def tag_of(args: argparse.Namespace) -> str:
     arch = "prior2d" if args.prior_proposal else f"l{args.layers}"
     resumed = "_resumed" if args.params is not None else ""
@@ -575,7 +620,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(
                 f"--{name.replace('_', '-')} {getattr(args, name)}: only {have} images."
             )
-    data = Data(data.train[: args.train_size], data.test[: args.test_size], data.dynamic)
+    data = Data(
+        random_rows(data.train, args.train_size, args.seed),
+        random_rows(data.test, args.test_size, args.seed + 1),
+        data.dynamic,
+    )
     arch = PRIOR_PROPOSAL if args.prior_proposal else ARCHITECTURES[args.layers]
     model, guide = make_vae(arch)
     steps_per_epoch = len(data.train) // args.batch_size

@@ -112,12 +112,22 @@ class IWELBO(ELBO):
     each floating-point value (the first particle's value for other dtypes).
 
     **Weights of zero.** A particle whose log weight is ``-inf`` or NaN (a
-    density evaluated outside its support) gets weight zero. If every particle
-    of a plate element has weight zero, the bound is ``-inf`` and the loss
-    ``+inf``, never NaN; that element contributes no gradient. A zero-weight
-    particle whose density has an infinite derivative where it landed (e.g. a
-    scale that underflowed to 0) can still make the *gradient* NaN (0 x inf inside
-    the model); ``SVI.run(..., stable_update=True)`` skips such steps.
+    density evaluated outside its support, a scale that underflowed to 0) gets
+    weight zero and contributes exactly zero gradient: when such a particle would
+    make the gradient non-finite (0 x inf inside the model), the model's backward
+    pass is redone with it moved onto a live particle of its plate element. If
+    every particle of a plate element has weight zero, the bound is ``-inf`` and
+    the loss ``+inf``, never NaN.
+
+    **NaN data.** An observed value that is NaN (and not masked) makes its plate
+    element's bound, and so the loss, NaN, as with ``Trace_ELBO``; it is not read
+    as a weight of zero. :class:`~numpyro_iwae.MarginalLikelihood` raises an error
+    naming the site.
+
+    **Guide factors.** ``numpyro.factor`` and observed sites in the guide enter
+    :math:`\log q` as in ``Trace_ELBO``, per plate element. ``"stl"`` and ``"dreg"``
+    need :math:`\log q` to be the density the guide samples from and refuse such
+    guides.
 
     **Discrete latents.** Guide sites without a reparameterized sampler
     (``Bernoulli``, ``Categorical``, ...) get the VIMCO score-function term with

@@ -44,7 +44,7 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
 from numpyro.primitives import Messenger
 
-from numpyro_iwae.estimators import nan_to_neginf
+from numpyro_iwae.estimators import nan_to_neginf, plate_layout
 
 __all__ = [
     "GuideDraw",
@@ -54,12 +54,16 @@ __all__ = [
     "ModelOutput",
     "PlateStructure",
     "Program",
+    "any_nan_data",
+    "caller_stacklevel",
     "check_subsampling",
     "draw_particles",
     "draw_with_keys",
     "log_weights",
+    "mark_nan_data",
     "plan",
     "split_keys",
+    "zero_weight_safe",
 ]
 
 #: A plate of at least this many elements over which the weights are joint
@@ -720,7 +724,63 @@ def draw_with_keys(
 
         return _map_particles(vectorize, one, (keys[:, 0], draw._replace(values=values)))
 
-    return draw, model_fn
+    return draw, zero_weight_safe(model_fn, structure.value_axes)
+
+
+def _float_leaves(tree: Any) -> list[jax.Array]:
+    return [g for g in jax.tree.leaves(tree) if jnp.issubdtype(g.dtype, jnp.inexact)]
+
+
+def zero_weight_safe(model_fn: ModelFn, value_axes: tuple) -> ModelFn:
+    r"""``model_fn`` whose gradient gets nothing from a particle of weight zero.
+
+    A particle whose ``log p`` is ``-inf`` or NaN (a scale that underflowed to 0, a
+    value outside the support) has weight zero, so the cotangent reaching its
+    ``log p`` is 0; but the derivatives inside the model at that point can be
+    infinite, and :math:`0 \times \infty` makes the whole gradient NaN. The backward
+    pass therefore checks for such particles and, only when there are some,
+    evaluates the model's vector-Jacobian product again with each of them moved to
+    the best particle of its plate element (a point where every derivative is
+    finite; the zero cotangent makes the choice irrelevant to the result). Without
+    such particles the backward pass is the ordinary one.
+    """
+    axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
+
+    def wrapped(values: dict[str, jax.Array], params: Any) -> tuple[jax.Array, ModelOutput]:
+        converted, consts = jax.closure_convert(model_fn, values, params)
+
+        @jax.custom_vjp
+        def fn(values, params, *consts):
+            return converted(values, params, *consts)
+
+        def fwd(values, params, *consts):
+            out, vjp = jax.vjp(converted, values, params, *consts)
+            return out, (vjp, out[0], values, params, consts)
+
+        def bwd(res, cotangent):
+            vjp, log_p, values, params, consts = res
+            dead = jnp.isnan(log_p) | (log_p == -jnp.inf)
+
+            def moved(_: None) -> tuple:
+                best = jnp.argmax(jnp.where(dead, -jnp.inf, log_p), axis=0)
+                safe = {}
+                for name, value in values.items():
+                    ndim, ax = axes[name]
+                    chosen = jnp.take_along_axis(value, plate_layout(best[None], ndim, ax), axis=0)
+                    safe[name] = jnp.where(plate_layout(dead, ndim, ax), chosen, value)
+                _, safe_vjp = jax.vjp(converted, safe, params, *consts)
+                g_log_p, g_aux = cotangent
+                return safe_vjp((jnp.where(dead, 0.0, g_log_p), g_aux))
+
+            grads = vjp(cotangent)
+            finite = jnp.array([jnp.all(jnp.isfinite(g)) for g in _float_leaves(grads)])
+            redo = jnp.any(dead) & ~jnp.all(finite)
+            return jax.lax.cond(redo, moved, lambda _: grads, None)
+
+        fn.defvjp(fwd, bwd)
+        return fn(values, params, *consts)
+
+    return wrapped
 
 
 def _map_particles(vectorize: VectorizeFn, fn: Callable, xs: Any) -> Any:
