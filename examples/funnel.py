@@ -12,7 +12,7 @@ posterior of v is compared with a NUTS reference (non-centred funnel) through Ar
 (quantiles of both InferenceData posteriors).
 It writes funnel.json (every number) and funnel.png (the picture) into --out.
 
-Run:  python examples/funnel.py                 (under a minute on 2 CPU cores)
+Run:  python examples/funnel.py                 (about 100 s on 2 CPU cores)
       python examples/funnel.py --full --out out     (10^5 evaluation particles)
       python examples/funnel.py --help
 """

@@ -175,6 +175,7 @@ class PlateStructure:
         value_axes: ``(name, ndim, plate axes)`` of each guide latent value: where
             the independent plates lie in its shape.
         param_sites: every ``param`` site of model and guide.
+        model_param_sites: the ``param`` sites of the model.
         guide_factor_sites: observed and ``numpyro.factor`` sites of the guide; they
             enter :math:`\log q` but are not draws.
         point_mass_sites: guide sites that are point masses (``Delta`` whose value
@@ -194,6 +195,7 @@ class PlateStructure:
     outside_sites: tuple[str, ...]
     value_axes: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
     param_sites: tuple[str, ...] = ()
+    model_param_sites: tuple[str, ...] = ()
     guide_factor_sites: tuple[str, ...] = ()
     point_mass_sites: tuple[str, ...] = ()
     guide_only_subsampled: tuple[tuple[str, int, int], ...] = ()
@@ -435,6 +437,7 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
         outside_sites=outside,
         value_axes=tuple(value_axes),
         param_sites=param_sites,
+        model_param_sites=tuple(sorted(n for n, s in model_trace.items() if s["type"] == "param")),
         guide_factor_sites=tuple(sorted(n for n, s in guide_sites.items() if s["is_observed"])),
         point_mass_sites=_point_mass_sites(guide_trace),
         guide_only_subsampled=tuple(guide_only),
@@ -724,25 +727,34 @@ def draw_with_keys(
 
         return _map_particles(vectorize, one, (keys[:, 0], draw._replace(values=values)))
 
-    return draw, zero_weight_safe(model_fn, structure.value_axes)
+    return draw, zero_weight_safe(model_fn, structure.value_axes, bool(structure.model_param_sites))
 
 
 def _float_leaves(tree: Any) -> list[jax.Array]:
     return [g for g in jax.tree.leaves(tree) if jnp.issubdtype(g.dtype, jnp.inexact)]
 
 
-def zero_weight_safe(model_fn: ModelFn, value_axes: tuple) -> ModelFn:
+def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) -> ModelFn:
     r"""``model_fn`` whose gradient gets nothing from a particle of weight zero.
 
     A particle whose ``log p`` is ``-inf`` or NaN (a scale that underflowed to 0, a
-    value outside the support) has weight zero, so the cotangent reaching its
-    ``log p`` is 0; but the derivatives inside the model at that point can be
-    infinite, and :math:`0 \times \infty` makes the whole gradient NaN. The backward
-    pass therefore checks for such particles and, only when there are some,
-    evaluates the model's vector-Jacobian product again with each of them moved to
-    the best particle of its plate element (a point where every derivative is
-    finite; the zero cotangent makes the choice irrelevant to the result). Without
-    such particles the backward pass is the ordinary one.
+    value outside the support), or so small that its normalized weight underflows,
+    has weight zero, so the cotangent reaching its ``log p`` is 0; but the
+    derivatives inside the model at that point can be infinite (or overflow), and
+    :math:`0 \times \infty` makes the gradient NaN. Such particles are the dead
+    ones: ``log p`` not finite, or a cotangent of exactly 0. The backward pass
+    repairs this in two ways:
+
+    - the cotangent of each particle's own latent values is set to zero where the
+      particle is dead (it is separate per particle and plate element, so nothing
+      else is touched): this costs one ``where``;
+    - the cotangent of parameters shared by all particles (``shared_params``: the
+      model has ``param`` or ``module`` sites) is a sum over particles, which one
+      NaN spoils. Only when it comes out non-finite while some particle is dead is
+      the model's vector-Jacobian product evaluated again, with each dead particle
+      moved onto the best particle of its plate element (a point where every
+      derivative is finite; the zero cotangent makes the choice irrelevant).
+      Without ``shared_params`` this second path is not compiled at all.
     """
     axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
 
@@ -757,9 +769,25 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple) -> ModelFn:
             out, vjp = jax.vjp(converted, values, params, *consts)
             return out, (vjp, out[0], values, params, consts)
 
+        def zero_dead(g_values: dict, dead: jax.Array) -> dict:
+            out = {}
+            for name, g in g_values.items():
+                if g.dtype == jax.dtypes.float0:  # integer values: no cotangent
+                    out[name] = g
+                else:
+                    ndim, ax = axes[name]
+                    out[name] = jnp.where(plate_layout(dead, ndim, ax), 0.0, g).astype(g.dtype)
+            return out
+
         def bwd(res, cotangent):
             vjp, log_p, values, params, consts = res
-            dead = jnp.isnan(log_p) | (log_p == -jnp.inf)
+            # Dead: no weight, or a weight that underflowed to exactly 0 in the
+            # objective (its cotangent is 0) while log p is finite but huge.
+            dead = jnp.isnan(log_p) | (log_p == -jnp.inf) | (cotangent[0] == 0)
+            g_values, *g_rest = vjp(cotangent)
+            grads = (zero_dead(g_values, dead), *g_rest)
+            if not shared_params:
+                return grads
 
             def moved(_: None) -> tuple:
                 best = jnp.argmax(jnp.where(dead, -jnp.inf, log_p), axis=0)
@@ -770,11 +798,11 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple) -> ModelFn:
                     safe[name] = jnp.where(plate_layout(dead, ndim, ax), chosen, value)
                 _, safe_vjp = jax.vjp(converted, safe, params, *consts)
                 g_log_p, g_aux = cotangent
-                return safe_vjp((jnp.where(dead, 0.0, g_log_p), g_aux))
+                g_values, *g_rest = safe_vjp((jnp.where(dead, 0.0, g_log_p), g_aux))
+                return (zero_dead(g_values, dead), *g_rest)
 
-            grads = vjp(cotangent)
-            finite = jnp.array([jnp.all(jnp.isfinite(g)) for g in _float_leaves(grads)])
-            redo = jnp.any(dead) & ~jnp.all(finite)
+            finite = [jnp.all(jnp.isfinite(g)) for g in _float_leaves(g_rest)]
+            redo = jnp.any(dead) & ~jnp.all(jnp.array(finite or [True]))
             return jax.lax.cond(redo, moved, lambda _: grads, None)
 
         fn.defvjp(fwd, bwd)

@@ -332,9 +332,11 @@ def wide_funnel_guide():
     return v
 
 
-def funnel_3(safe):
+def funnel_3(safe, shared):
     v = numpyro.sample("v", dist.Normal(0.0, 3.0))
     scale = jnp.exp(v / 2)
+    if shared:  # a model parameter: its gradient sums over every particle
+        scale = scale * numpyro.param("a", 1.0)
     if safe:  # the same weights, written so that no derivative is infinite
         # Below 1e-15 the weight exp(-x^2 / (2 scale^2)) is 0 in float32 either way;
         # unguarded, scale (or its square) underflows and log p is -inf or NaN.
@@ -345,13 +347,14 @@ def funnel_3(safe):
         numpyro.sample("x", dist.Normal(0.0, scale))
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("estimator", ["reparam", "stl", "dreg"])
-def test_zero_weight_particles_give_finite_and_exact_gradients(estimator):
-    params = {"loc": 0.0, "scale": 100.0, "x_scale": 1.0}
+def test_zero_weight_particles_give_finite_and_exact_gradients(estimator, shared):
+    params = {"loc": 0.0, "scale": 100.0, "x_scale": 1.0} | ({"a": 1.0} if shared else {})
     elbo = IWELBO(50, gradient_estimator=estimator)
 
     def grads(safe, key):
-        model = lambda: funnel_3(safe)  # noqa: E731
+        model = lambda: funnel_3(safe, shared)  # noqa: E731
         return jax.grad(lambda p: elbo.loss(key, p, model, wide_funnel_guide))(params)
 
     keys = jax.random.split(jax.random.key(0), 20)

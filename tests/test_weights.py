@@ -10,6 +10,7 @@ import numpyro
 from numpyro import handlers
 import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoDiagonalNormal
+import pytest
 
 from numpyro_iwae.estimators import iwae_bound
 from numpyro_iwae.weights import Program, log_weights
@@ -149,3 +150,28 @@ def test_nan_log_weight_is_weight_zero():
     w, _ = weights(model, guide, X, k=2)
     broken = w._replace(log_p=w.log_p.at[0, 0].set(jnp.nan))
     assert broken.log_w[0, 0] == -jnp.inf and np.isfinite(broken.log_w[1, 0])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_zero_weight_safe_ignores_particles_whose_weight_underflows(shared):
+    from numpyro_iwae.weights import ModelOutput, zero_weight_safe
+
+    # Particle 0 sits where d log p / dz = -inf, with log p = -1000: finite, but its
+    # normalized weight underflows to exactly 0 beside the others (log p = -1).
+    def model_fn(values, params):
+        z = values["z"]
+        return params["a"] * (-jnp.sqrt(z) - 1000.0 * (1.0 - z)), ModelOutput({}, {})
+
+    values, params = {"z": jnp.array([0.0, 1.0, 1.0])}, {"a": jnp.array(1.0)}
+
+    def bound(fn, values, params):
+        return iwae_bound(fn(values, params)[0])
+
+    plain = jax.grad(bound, argnums=(1, 2))(model_fn, values, params)
+    assert np.isnan(plain[0]["z"][0])  # 0 x inf: what the wrapper is for
+    safe_fn = zero_weight_safe(model_fn, (("z", 0, ()),), shared_params=shared)
+    g_values, g_params = jax.grad(bound, argnums=(1, 2))(safe_fn, values, params)
+    # Each live particle has weight 1/2 and d log p / dz = -1/2 + 1000 at z = 1.
+    np.testing.assert_allclose(g_values["z"], [0.0, 499.75, 499.75], rtol=1e-6)
+    if shared:  # d/da of logsumexp(a * c_k): the live particles' c = -1 each
+        np.testing.assert_allclose(g_params["a"], -1.0, rtol=1e-6)
