@@ -364,3 +364,27 @@ def test_zero_weight_particles_give_finite_and_exact_gradients(estimator, shared
     for name in params:
         assert np.all(np.isfinite(ours[name])), name
         np.testing.assert_allclose(ours[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---- 13. repeated evaluations reuse the compiled computation ------------------------
+
+
+def test_marginal_likelihood_compiles_once_per_shape():
+    traces = []
+
+    def model(x):
+        traces.append(1)  # runs only while JAX traces
+        local_model(x)
+
+    def prior_guide(x):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(0.0, 1.0))
+
+    ml = MarginalLikelihood(model, prior_guide, num_particles=8)
+    first = ml(jax.random.key(0), X)
+    count = len(traces)
+    second = ml(jax.random.key(1), X + 0.0)  # new values, same shape: no new trace
+    assert len(traces) == count
+    assert float(first.log_marginal) != float(second.log_marginal)  # new keys
+    ml(jax.random.key(0), X[:3])  # a new shape compiles anew
+    assert len(traces) > count
