@@ -21,7 +21,14 @@ import numpy as np
 
 from numpyro_iwae.elbo import check_positive_int
 from numpyro_iwae.estimators import nan_to_neginf, plate_layout
-from numpyro_iwae.weights import PlateStructure, Program, draw_with_keys, plan, split_keys
+from numpyro_iwae.weights import (
+    PlateStructure,
+    Program,
+    draw_with_keys,
+    plan,
+    point_mass_sites,
+    split_keys,
+)
 
 __all__ = ["LogMarginalEstimate", "MarginalLikelihood", "pareto_k_hat", "psis_tail_length"]
 
@@ -327,9 +334,10 @@ class MarginalLikelihood:
                 "fitted values, e.g. MarginalLikelihood(..., params=svi_result.params); "
                 "evaluating at initial values is rarely what is meant."
             )
-        if structure.point_mass_sites:
+        point_masses = point_mass_sites(program, values, key[1])
+        if point_masses:
             raise ValueError(
-                f"Guide site(s) {list(structure.point_mass_sites)} are point masses "
+                f"Guide site(s) {list(point_masses)} are point masses "
                 "(Delta): every particle is the same point, so importance sampling would "
                 "report log p(x, z*) with a standard error of 0, a confident wrong "
                 "answer. Score a guide with a density instead, e.g. AutoNormal or "

@@ -38,6 +38,7 @@ import warnings
 
 import jax
 from jax import random
+from jax.extend.core import Literal
 import jax.numpy as jnp
 from numpyro import handlers
 from numpyro.handlers import seed, substitute, trace
@@ -62,6 +63,7 @@ __all__ = [
     "log_weights",
     "mark_nan_data",
     "plan",
+    "point_mass_sites",
     "split_keys",
     "zero_weight_safe",
 ]
@@ -178,8 +180,6 @@ class PlateStructure:
         model_param_sites: the ``param`` sites of the model.
         guide_factor_sites: observed and ``numpyro.factor`` sites of the guide; they
             enter :math:`\log q` but are not draws.
-        point_mass_sites: guide sites that are point masses (``Delta`` whose value
-            is not a transform of an auxiliary draw).
         guide_only_subsampled: plates the guide subsamples although the model, called
             on its own with the same arguments, does not (e.g. an AutoGuide that fixed
             its plate's subsample size at first use).
@@ -197,7 +197,6 @@ class PlateStructure:
     param_sites: tuple[str, ...] = ()
     model_param_sites: tuple[str, ...] = ()
     guide_factor_sites: tuple[str, ...] = ()
-    point_mass_sites: tuple[str, ...] = ()
     guide_only_subsampled: tuple[tuple[str, int, int], ...] = ()
 
     @property
@@ -341,27 +340,47 @@ def _base_distribution(fn: Any) -> Any:
     return fn
 
 
-def _point_mass_sites(guide_trace: Trace) -> tuple[str, ...]:
-    """Guide draws that are point masses.
+def _is_delta(fn: Any) -> bool:
+    return type(_base_distribution(fn)).__name__ == "Delta"
 
-    A ``Delta`` site is a deterministic transform (carrying its log-Jacobian) when
-    the guide draws an auxiliary variable it can be a transform of, as
-    ``AutoContinuous`` guides do. A ``Delta`` auxiliary site, or a ``Delta`` in a
-    guide without random auxiliary draws, is a point mass (``AutoDelta``, the
-    training guide of ``AutoLaplaceApproximation``).
+
+def _reaches(jaxpr: Any) -> list[bool]:
+    """For each output of a jaxpr, whether it depends on any input (conservatively:
+    every output of an equation depends on all of its inputs).
     """
-    draws = {n: s for n, s in _sample_sites(guide_trace).items() if not s["is_observed"]}
-    is_delta = {n: type(_base_distribution(s["fn"])).__name__ == "Delta" for n, s in draws.items()}
-    random_aux = any(
-        not is_delta[n] and s["infer"].get("is_auxiliary", False) for n, s in draws.items()
-    )
-    return tuple(
-        sorted(
-            n
-            for n, s in draws.items()
-            if is_delta[n] and (s["infer"].get("is_auxiliary", False) or not random_aux)
-        )
-    )
+    tainted = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(v in tainted for v in eqn.invars if not isinstance(v, Literal)):
+            tainted.update(eqn.outvars)
+    return [not isinstance(v, Literal) and v in tainted for v in jaxpr.outvars]
+
+
+def point_mass_sites(
+    program: Program, params: Mapping[str, Any], key: jax.Array
+) -> tuple[str, ...]:
+    """The guide's ``Delta`` draws whose value does not depend on its random key.
+
+    A ``Delta`` site is often a deterministic transform of a random draw (the latent
+    sites of ``AutoContinuous`` guides, with their log-Jacobian): it has a density
+    through that draw. One whose value is the same whatever the key (``AutoDelta``,
+    the training guide of ``AutoLaplaceApproximation``, a ``Delta`` of a parameter in
+    a hand-written guide or inside an ``AutoGuideList``) is a point mass. Found by
+    data flow in the guide's jaxpr, from the key to each value; no values are
+    computed.
+    """
+
+    def delta_values(key: jax.Array) -> dict[str, jax.Array]:
+        tr = program.trace_guide(params, key)
+        return {
+            n: jnp.asarray(site["value"])
+            for n, site in _sample_sites(tr).items()
+            if not site["is_observed"] and _is_delta(site["fn"])
+        }
+
+    closed, shapes = jax.make_jaxpr(delta_values, return_shape=True)(key)
+    names = sorted(shapes)  # a dict's leaves come in sorted key order
+    random = _reaches(closed.jaxpr)
+    return tuple(sorted(n for n, r in zip(names, random) if not r))
 
 
 def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
@@ -439,7 +458,6 @@ def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
         param_sites=param_sites,
         model_param_sites=tuple(sorted(n for n, s in model_trace.items() if s["type"] == "param")),
         guide_factor_sites=tuple(sorted(n for n, s in guide_sites.items() if s["is_observed"])),
-        point_mass_sites=_point_mass_sites(guide_trace),
         guide_only_subsampled=tuple(guide_only),
     )
 

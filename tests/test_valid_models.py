@@ -21,6 +21,7 @@ from numpyro.infer.autoguide import (
     AutoDAIS,
     AutoDelta,
     AutoDiagonalNormal,
+    AutoGuideList,
     AutoLaplaceApproximation,
     AutoNormal,
 )
@@ -388,3 +389,26 @@ def test_marginal_likelihood_compiles_once_per_shape():
     assert float(first.log_marginal) != float(second.log_marginal)  # new keys
     ml(jax.random.key(0), X[:3])  # a new shape compiles anew
     assert len(traces) > count
+
+
+def two_site_model(x):
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", dist.Normal(z, s + 0.5), obs=x)
+
+
+def test_point_mass_next_to_a_random_auxiliary_draw_is_refused():
+    # A Delta site next to a guide with a random auxiliary draw (AutoDiagonalNormal's):
+    # only the data flow from the key tells the transform from the point mass.
+    guide = AutoGuideList(two_site_model)
+    guide.append(AutoDiagonalNormal(handlers.block(two_site_model, hide=["s"])))
+    guide.append(AutoDelta(handlers.block(two_site_model, expose=["s"])))
+    params = (
+        SVI(two_site_model, guide, optax.adam(0.01), IWELBO(4))
+        .run(jax.random.key(0), 50, X, progress_bar=False)
+        .params
+    )
+    ml = MarginalLikelihood(two_site_model, guide, params=params, num_particles=16)
+    with pytest.raises(ValueError, match=r"\['s'\] are point masses"):
+        ml(jax.random.key(1), X)
