@@ -673,12 +673,14 @@ def _model_stage(
     params: Mapping[str, Any],
     key: jax.Array,
     structure: PlateStructure,
-    draw: GuideDraw,
+    draw: tuple[dict, dict, dict],
 ) -> tuple[jax.Array, ModelOutput]:
-    """One particle's ``log p(x, z)`` with z from the guide draw, its mutable state
-    and where its observed data is NaN.
+    """One particle's ``log p(x, z)`` with z from the guide draw (its values,
+    subsample indices and mutable state), its mutable state and where its observed
+    data is NaN.
     """
-    data = {**draw.mutable_state, **draw.plates, **draw.values}
+    values, plates, mutable = draw
+    data = {**mutable, **plates, **values}
     tr = program.trace_model(params, key, data)
     log_p = jnp.zeros(structure.sizes)
     nan_data = {}
@@ -687,8 +689,7 @@ def _model_stage(
         log_p = log_p + _to_plates(log_prob, site, structure, jnp.sum)
         if site["is_observed"]:
             nan_data[name] = _nan_data(site, log_prob, structure)
-    mutable = {**draw.mutable_state, **_mutable_values(tr)}
-    return log_p, ModelOutput(mutable, nan_data)
+    return log_p, ModelOutput({**mutable, **_mutable_values(tr)}, nan_data)
 
 
 def draw_particles(
@@ -743,7 +744,9 @@ def draw_with_keys(
             key, one_draw = inputs
             return _model_stage(program, model_params, key, structure, one_draw)
 
-        return _map_particles(vectorize, one, (keys[:, 0], draw._replace(values=values)))
+        # Only what the model reads: the guide's log densities stay out of the map.
+        inputs = (keys[:, 0], (values, draw.plates, draw.mutable_state))
+        return _map_particles(vectorize, one, inputs)
 
     return draw, zero_weight_safe(model_fn, structure.value_axes, bool(structure.model_param_sites))
 
@@ -760,7 +763,9 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
     has weight zero, so the cotangent reaching its ``log p`` is 0; but the
     derivatives inside the model at that point can be infinite (or overflow), and
     :math:`0 \times \infty` makes the gradient NaN. Such particles are the dead
-    ones: ``log p`` not finite, or a cotangent of exactly 0. The backward pass
+    ones, recognised by a cotangent of exactly 0 (which the bounds give every
+    particle of weight zero; :func:`~numpyro_iwae.estimators.nan_to_neginf` passes it
+    through). The backward pass
     repairs this in two ways:
 
     - the cotangent of each particle's own latent values is set to zero where the
@@ -799,9 +804,10 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
 
         def bwd(res, cotangent):
             vjp, log_p, values, params, consts = res
-            # Dead: no weight, or a weight that underflowed to exactly 0 in the
-            # objective (its cotangent is 0) while log p is finite but huge.
-            dead = jnp.isnan(log_p) | (log_p == -jnp.inf) | (cotangent[0] == 0)
+            # Dead: a cotangent of exactly 0. The bounds give that to every particle
+            # of weight zero: log p of -inf or NaN (nan_to_neginf passes cotangents
+            # through), or finite but so small that its normalized weight underflows.
+            dead = cotangent[0] == 0
             g_values, *g_rest = vjp(cotangent)
             grads = (zero_dead(g_values, dead), *g_rest)
             if not shared_params:
