@@ -113,11 +113,13 @@ class IWELBO(ELBO):
 
     **Weights of zero.** A particle whose log weight is ``-inf`` or NaN (a
     density evaluated outside its support, a scale that underflowed to 0) gets
-    weight zero and contributes exactly zero gradient: when such a particle would
-    make the gradient non-finite (0 x inf inside the model), the model's backward
-    pass is redone with it moved onto a live particle of its plate element. If
-    every particle of a plate element has weight zero, the bound is ``-inf`` and
-    the loss ``+inf``, never NaN.
+    weight zero and contributes exactly zero gradient, even where the model's
+    derivatives are infinite (0 x inf would be NaN): its latent values get a zero
+    cotangent, and if the model's shared parameters still get a non-finite one, the
+    model's backward pass is redone with it moved onto a live particle of its plate
+    element (:func:`~numpyro_iwae.weights.zero_weight_safe`). If every particle of
+    a plate element has weight zero, the bound is ``-inf`` and the loss ``+inf``,
+    never NaN.
 
     **NaN data.** An observed value that is NaN (and not masked) makes its plate
     element's bound, and so the loss, NaN, as with ``Trace_ELBO``; it is not read

@@ -765,8 +765,7 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
     :math:`0 \times \infty` makes the gradient NaN. Such particles are the dead
     ones, recognised by a cotangent of exactly 0 (which the bounds give every
     particle of weight zero; :func:`~numpyro_iwae.estimators.nan_to_neginf` passes it
-    through). The backward pass
-    repairs this in two ways:
+    through). The backward pass repairs this in two ways:
 
     - the cotangent of each particle's own latent values is set to zero where the
       particle is dead (it is separate per particle and plate element, so nothing
@@ -790,7 +789,8 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
 
         def fwd(values, params, *consts):
             out, vjp = jax.vjp(converted, values, params, *consts)
-            return out, (vjp, out[0], values, params, consts)
+            # The inputs are kept only for the second backward pass, if there is one.
+            return out, (vjp, (out[0], values, params, consts) if shared_params else None)
 
         def zero_dead(g_values: dict, dead: jax.Array) -> dict:
             out = {}
@@ -803,7 +803,7 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
             return out
 
         def bwd(res, cotangent):
-            vjp, log_p, values, params, consts = res
+            vjp, inputs = res
             # Dead: a cotangent of exactly 0. The bounds give that to every particle
             # of weight zero: log p of -inf or NaN (nan_to_neginf passes cotangents
             # through), or finite but so small that its normalized weight underflows.
@@ -813,7 +813,11 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
             if not shared_params:
                 return grads
 
+            log_p, values, params, consts = inputs
+
             def moved(_: None) -> tuple:
+                # The dead particles' cotangent is 0, so at their new, finite points
+                # they contribute exactly 0 to every cotangent.
                 best = jnp.argmax(jnp.where(dead, -jnp.inf, log_p), axis=0)
                 safe = {}
                 for name, value in values.items():
@@ -821,9 +825,7 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
                     chosen = jnp.take_along_axis(value, plate_layout(best[None], ndim, ax), axis=0)
                     safe[name] = jnp.where(plate_layout(dead, ndim, ax), chosen, value)
                 _, safe_vjp = jax.vjp(converted, safe, params, *consts)
-                g_log_p, g_aux = cotangent
-                g_values, *g_rest = safe_vjp((jnp.where(dead, 0.0, g_log_p), g_aux))
-                return (zero_dead(g_values, dead), *g_rest)
+                return safe_vjp(cotangent)
 
             finite = [jnp.all(jnp.isfinite(g)) for g in _float_leaves(g_rest)]
             redo = jnp.any(dead) & ~jnp.all(jnp.array(finite or [True]))
