@@ -16,6 +16,7 @@ from numpyro_iwae.estimators import (
     nan_to_neginf,
     with_score_terms,
 )
+from numpyro_iwae.plates import WEIGHTINGS, PlateStructure
 from numpyro_iwae.weights import (
     Program,
     any_nan_data,
@@ -163,6 +164,7 @@ class IWELBO(ELBO):
         *,
         gradient_estimator: str = "reparam",
         vectorize_particles: bool | Callable = True,
+        weighting: str = "auto",
     ) -> None:
         num_particles = check_positive_int(num_particles, "num_particles")
         if gradient_estimator not in GRADIENT_ESTIMATORS:
@@ -175,13 +177,16 @@ class IWELBO(ELBO):
                 "`vectorize_particles` must be True (jax.vmap), False (jax.lax.map) "
                 f"or a callable f(fn, keys), got {vectorize_particles!r}."
             )
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"`weighting` must be one of {WEIGHTINGS}, got {weighting!r}.")
         self.gradient_estimator = gradient_estimator
+        self.weighting = weighting
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
 
     def __repr__(self) -> str:
         return (
             f"IWELBO(num_particles={self.num_particles}, "
-            f"gradient_estimator={self.gradient_estimator!r})"
+            f"gradient_estimator={self.gradient_estimator!r}, weighting={self.weighting!r})"
         )
 
     def loss_with_mutable_state(
@@ -209,7 +214,8 @@ class IWELBO(ELBO):
             rng_key,
             self.num_particles,
             self.vectorize_particles_fn,
-            path=self.gradient_estimator in ("stl", "dreg"),
+            path=None if self.gradient_estimator == "reparam" else self.gradient_estimator,
+            weighting=self.weighting,
         )
         check_subsampling(structure, self.num_particles)
         if self.gradient_estimator != "reparam" and structure.guide_factor_sites:
@@ -219,22 +225,54 @@ class IWELBO(ELBO):
                 f"factor site(s) {list(structure.guide_factor_sites)}. Use "
                 "gradient_estimator='reparam', which includes them as Trace_ELBO does."
             )
+        # Global values (local weighting) enter the model as parameters do: shared
+        # by every particle, with the plain gradient.
+        model_params = {**param_map, **draw.global_values}
         if self.gradient_estimator == "dreg":
             log_w, output = dreg_log_weights(
                 model_fn,
                 draw.values,
-                param_map,
+                model_params,
                 draw.log_q_rep_path,
                 draw.log_q_score,
                 structure.value_axes,
+                structure.value_groups,
             )
         else:
-            log_p, output = model_fn(draw.values, param_map)
+            log_p, output = model_fn(draw.values, model_params)
             log_q_rep = draw.log_q_rep_path if self.gradient_estimator == "stl" else draw.log_q_rep
-            log_w = log_p - log_q_rep - draw.log_q_score
-        log_w = mark_nan_data(nan_to_neginf(log_w), any_nan_data(output))
-        per_element = iwae_bound(log_w)
-        if structure.nonreparam_sites:
-            per_element = with_score_terms(per_element, log_w, draw.log_q_score)
+            log_w = tuple(p - q - s for p, q, s in zip(log_p, log_q_rep, draw.log_q_score))
+        nan_data = any_nan_data(output, structure)
+        log_w = tuple(mark_nan_data(nan_to_neginf(w), n) for w, n in zip(log_w, nan_data))
+        if structure.weighting == "local":
+            per_element = _local_objective(log_w, draw.log_q_score, structure)
+        else:
+            per_element = iwae_bound(log_w[0])
+            if structure.nonreparam_sites:
+                per_element = with_score_terms(per_element, log_w[0], draw.log_q_score[0])
         bound = structure.scale * jnp.sum(per_element)
         return {"loss": -bound, "mutable_state": _average_particles(output.mutable_state or None)}
+
+
+def _local_objective(
+    log_w: tuple[jax.Array, ...], log_q_score: tuple[jax.Array, ...], structure: PlateStructure
+) -> jax.Array:
+    r"""The locally weighted bound per element of the independent plates, with the
+    score-function terms of the discrete sites.
+
+    Group 0 (the global sites, shared by every particle, so its rows agree) gives
+    :math:`\log p(\theta) - \log q(\theta)`; each local plate adds
+    :math:`\frac{N}{B}\sum_n \hat{\mathcal L}_{K,n}` with VIMCO terms for its discrete
+    sites. Discrete global sites get the score-function term of the whole objective
+    (the ELBO's estimator for them: it has no baseline).
+    """
+    total = log_w[0][0]
+    for group in range(1, structure.num_groups):
+        per_element = iwae_bound(log_w[group])
+        if structure.group_sites(group, structure.nonreparam_sites):
+            per_element = with_score_terms(per_element, log_w[group], log_q_score[group])
+        total = total + structure.local_scale(group) * jnp.sum(per_element, axis=-1)
+    if structure.group_sites(0, structure.nonreparam_sites):
+        log_q = log_q_score[0][0]
+        total = total + jax.lax.stop_gradient(total) * (log_q - jax.lax.stop_gradient(log_q))
+    return total

@@ -12,10 +12,12 @@ import math
 from typing import Any
 
 import jax
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 import jax.numpy as jnp
 
 __all__ = [
     "dreg_log_weights",
+    "hoist_closure",
     "iwae_bound",
     "nan_to_neginf",
     "normalized_weights",
@@ -132,14 +134,42 @@ def plate_layout(per_element: jax.Array, ndim: int, axes: tuple[int, ...]) -> ja
     return jnp.reshape(moved, shape)
 
 
+def hoist_closure(fn: Callable, *args: Any) -> tuple[Callable, list[Any]]:
+    """Like :func:`jax.closure_convert`, but hoisting *every* traced value ``fn``
+    closes over, whatever its dtype, so a ``custom_vjp`` around the converted
+    function never closes over a tracer. (``closure_convert`` leaves integer and
+    key tracers in the closure; under ``vmap`` they escape, e.g. in
+    ``jax.grad`` of a ``vmap``-ped loss.) Concrete constants stay in the closure.
+
+    Returns ``(converted, hoisted)``: ``converted(*args, *hoisted)`` equals
+    ``fn(*args)``.
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    traced = [isinstance(c, jax.core.Tracer) for c in closed.consts]
+    hoisted = [c for c, t in zip(closed.consts, traced) if t]
+    kept = [c for c, t in zip(closed.consts, traced) if not t]
+    out_tree = jax.tree.structure(out_shape)
+    num_args = len(args)
+
+    def converted(*args_and_hoisted: Any) -> Any:
+        args, lifted = args_and_hoisted[:num_args], iter(args_and_hoisted[num_args:])
+        kept_iter = iter(kept)
+        consts = [next(lifted) if t else next(kept_iter) for t in traced]
+        out = jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, consts))(*jax.tree.leaves(args))
+        return jax.tree.unflatten(out_tree, out)
+
+    return converted, hoisted
+
+
 def dreg_log_weights(
-    log_p_fn: Callable[[dict[str, jax.Array], Any], tuple[jax.Array, Any]],
+    log_p_fn: Callable[[dict[str, jax.Array], Any], tuple[Any, Any]],
     values: dict[str, jax.Array],
     params: Any,
-    log_q_path: jax.Array,
-    log_q_score: jax.Array,
+    log_q_path: Any,
+    log_q_score: Any,
     value_axes: tuple[tuple[str, int, tuple[int, ...]], ...],
-) -> tuple[jax.Array, Any]:
+    value_groups: tuple[tuple[str, int], ...] = (),
+) -> tuple[Any, Any]:
     r"""Log weights whose gradient gives the doubly reparameterized estimator.
 
     Returns ``log_w = log_p_fn(values, params)[0] - log_q_path - log_q_score`` (and
@@ -159,25 +189,38 @@ def dreg_log_weights(
     evaluated at ``stop_gradient`` parameters; model parameters keep the IWAE
     weights :math:`\tilde w_k`. One forward and one backward pass of the model.
 
+    The log densities may be tuples with one array per group (local weighting):
+    each value's cotangent is scaled by the weights of its group
+    (``value_groups``, group 0 if absent), and only the groups that hold values
+    are weighted; the others' ``log_q_path`` gets the plain cotangent.
+
     Args:
         log_p_fn: ``(values, params) -> (log_p, aux)``, ``log_p`` of shape
-            ``(K, *plates)``.
+            ``(K, *plates)`` (or a tuple of such arrays, one per group).
         values: latent values, each ``(K, *value_shape)``, carrying their path
             to the guide's parameters.
         params: differentiable parameters of ``log_p_fn`` (a pytree).
         log_q_path: guide log density of the reparameterized sites at stopped
-            parameters, ``(K, *plates)``.
-        log_q_score: guide log density of the other sites, ``(K, *plates)``.
+            parameters, ``(K, *plates)`` (or a tuple).
+        log_q_score: guide log density of the other sites, ``(K, *plates)`` (or a
+            tuple).
         value_axes: ``(name, ndim, plate axes)`` per value, as in
-            :attr:`numpyro_iwae.weights.PlateStructure.value_axes`.
+            :attr:`numpyro_iwae.plates.PlateStructure.value_axes`.
+        value_groups: ``(name, group)`` per value.
 
     """
-    converted, consts = jax.closure_convert(log_p_fn, values, params)
+    single = not isinstance(log_q_path, tuple)
+    if single:
+        log_q_path, log_q_score = (log_q_path,), (log_q_score,)
+    converted, consts = hoist_closure(log_p_fn, values, params)
     axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
+    groups = dict(value_groups)
+    weighted = sorted({groups.get(name, 0) for name in axes})
 
     def log_w_of(values, params, log_q_path, log_q_score, *consts):
         log_p, aux = converted(values, params, *consts)
-        return log_p - log_q_path - log_q_score, aux
+        log_p = log_p if isinstance(log_p, tuple) else (log_p,)
+        return tuple(p - q - s for p, q, s in zip(log_p, log_q_path, log_q_score)), aux
 
     @jax.custom_vjp
     def log_w_fn(values, params, log_q_path, log_q_score, *consts):
@@ -185,7 +228,8 @@ def dreg_log_weights(
 
     def fwd(values, params, log_q_path, log_q_score, *consts):
         out, vjp = jax.vjp(log_w_of, values, params, log_q_path, log_q_score, *consts)
-        return out, (vjp, normalized_weights(nan_to_neginf(out[0])))
+        w = {g: normalized_weights(nan_to_neginf(out[0][g])) for g in weighted}
+        return out, (vjp, w)
 
     def bwd(res, cotangent):
         vjp, w = res
@@ -200,11 +244,13 @@ def dreg_log_weights(
                 scaled[name] = g
                 continue
             ndim, ax = axes[name]
-            scaled[name] = g * plate_layout(w, ndim, ax).astype(g.dtype)
-        return (scaled, g_params, -g_log_w * w, g_score, *g_consts)
+            scaled[name] = g * plate_layout(w[groups.get(name, 0)], ndim, ax).astype(g.dtype)
+        g_path = tuple(-g * w[i] if i in w else -g for i, g in enumerate(g_log_w))
+        return (scaled, g_params, g_path, g_score, *g_consts)
 
     log_w_fn.defvjp(fwd, bwd)
-    return log_w_fn(values, params, log_q_path, log_q_score, *consts)
+    log_w, aux = log_w_fn(values, params, log_q_path, log_q_score, *consts)
+    return (log_w[0] if single else log_w), aux
 
 
 def vimco_learning_signal(log_w: jax.Array) -> jax.Array:

@@ -392,7 +392,7 @@ class MarginalLikelihood:
         def chunk_log_w(chunk_keys: jax.Array) -> tuple[jax.Array, dict, dict]:
             draw, model_fn = draw_with_keys(program, values, chunk_keys, _vmap, structure)
             log_p, output = model_fn(draw.values, values)
-            log_w = nan_to_neginf(log_p - draw.log_q_rep - draw.log_q_score)
+            log_w = nan_to_neginf(log_p[0] - draw.log_q_rep[0] - draw.log_q_score[0])
             return log_w, draw.values, output.nan_data
 
         chunk = self.chunk_size or self._auto_chunk(chunk_log_w, keys)

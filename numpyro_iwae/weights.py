@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-import math
 import os
 import sys
 from typing import Any, NamedTuple
@@ -45,9 +44,20 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
 from numpyro.primitives import Messenger
 
-from numpyro_iwae.estimators import nan_to_neginf, plate_layout
+from numpyro_iwae.estimators import hoist_closure, nan_to_neginf, plate_layout
+from numpyro_iwae.plates import (
+    PlateStructure,
+    accumulate,
+    is_latent,
+    plate_structure,
+    sample_sites,
+    site_log_density,
+    site_log_prob,
+    to_plates,
+)
 
 __all__ = [
+    "AUTO_LOCAL_SIZE",
     "GuideDraw",
     "JointWeightsWarning",
     "LARGE_PLATE_SIZE",
@@ -58,6 +68,7 @@ __all__ = [
     "any_nan_data",
     "caller_stacklevel",
     "check_subsampling",
+    "choose_weighting",
     "draw_particles",
     "draw_with_keys",
     "log_weights",
@@ -99,6 +110,8 @@ class Program:
         guide: the NumPyro guide.
         args: positional arguments of both.
         kwargs: keyword arguments of both.
+        global_key: the key of the draws every particle shares (the global sites
+            of local weighting); set by :meth:`with_seeded_plates`.
 
     """
 
@@ -106,24 +119,38 @@ class Program:
     guide: Callable
     args: tuple = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    global_key: jax.Array | None = None
 
     def with_seeded_plates(self, plate_key: jax.Array) -> Program:
         """The same program with its plates (only) seeded by ``plate_key``, so every
-        particle drawn from it sees the same minibatch.
+        particle drawn from it sees the same minibatch, and with a ``global_key``
+        derived from it for the draws every particle shares.
         """
         hide = ["sample", "prng_key", "control_flow"]
         return replace(
             self,
             model=seed(self.model, plate_key, hide_types=hide),
             guide=seed(self.guide, plate_key, hide_types=hide),
+            global_key=random.fold_in(plate_key, 1),
         )
 
-    def trace_guide(self, params: Mapping[str, Any], key: jax.Array) -> Trace:
+    def trace_guide(
+        self, params: Mapping[str, Any], key: jax.Array, shared: tuple[str, ...] = ()
+    ) -> Trace:
         """Trace the guide with ``params`` substituted, seeded with ``key``; sampled
         values keep their path to the guide's parameters.
+
+        The ``shared`` sites are drawn from keys derived from :attr:`global_key`
+        alone, so every particle gets the same value for them (the global sites of
+        local weighting).
         """
+        guide = self.guide
+        if shared:
+            if self.global_key is None:
+                raise ValueError("shared draws need a global key: use with_seeded_plates")
+            guide = _SharedDraws(guide, self.global_key, shared)
         with _without_rsample_stop_gradient():
-            guide = substitute(seed(self.guide, key), data=dict(params))
+            guide = substitute(seed(guide, key), data=dict(params))
             return trace(guide).get_trace(*self.args, **self.kwargs)
 
     def trace_model(self, params: Mapping[str, Any], key: jax.Array, data: Mapping) -> Trace:
@@ -150,59 +177,30 @@ class Program:
             seed(substitute(guide, data=dict(params)), key)(*self.args, **self.kwargs)
 
 
+class _SharedDraws(Messenger):
+    """Gives each named sample site a key of its own derived from ``key``, before
+    any ``seed`` handler around it can: draws that do not depend on the particle.
+    """
+
+    def __init__(self, fn: Callable, key: jax.Array, names: tuple[str, ...]) -> None:
+        self.key = key
+        self.index = {name: i for i, name in enumerate(names)}
+        super().__init__(fn)
+
+    def process_message(self, msg: dict[str, Any]) -> None:
+        if (
+            msg["type"] == "sample"
+            and msg["name"] in self.index
+            and msg["value"] is None
+            and msg["kwargs"].get("rng_key") is None
+        ):
+            msg["kwargs"]["rng_key"] = random.fold_in(self.key, self.index[msg["name"]])
+
+
 def _unwrap(fn: Callable) -> Callable:
     while isinstance(fn, Messenger) and fn.fn is not None:
         fn = fn.fn
     return fn
-
-
-@dataclass(frozen=True)
-class PlateStructure:
-    r"""Static description of how the log weights factorize.
-
-    Attributes:
-        names: the independent plates, i.e. the plates that enclose every sample
-            site of the model and of the guide, outermost first. The log weights
-            have one entry per element of these plates.
-        sizes: their (subsampled) sizes: the trailing shape of the log weights.
-        full_sizes: their sizes before subsampling.
-        joint_plates: ``{name: full size}`` of plates that enclose some sample
-            sites but not all; the weights are joint along them.
-        subsampled_joint_plates: the joint plates that are subsampled; for
-            ``K > 1`` they have no unbiased bound (see :func:`check_subsampling`).
-        nonreparam_sites: guide latent sites whose distribution has no
-            reparameterized sampler (e.g. ``Bernoulli``).
-        outside_sites: sample sites that lie outside some joint plate (for
-            error messages).
-        value_axes: ``(name, ndim, plate axes)`` of each guide latent value: where
-            the independent plates lie in its shape.
-        param_sites: every ``param`` site of model and guide.
-        model_param_sites: the ``param`` sites of the model.
-        guide_factor_sites: observed and ``numpyro.factor`` sites of the guide; they
-            enter :math:`\log q` but are not draws.
-        guide_only_subsampled: plates the guide subsamples although the model, called
-            on its own with the same arguments, does not (e.g. an AutoGuide that fixed
-            its plate's subsample size at first use).
-
-    """
-
-    names: tuple[str, ...]
-    sizes: tuple[int, ...]
-    full_sizes: tuple[int, ...]
-    joint_plates: tuple[tuple[str, int], ...]
-    subsampled_joint_plates: tuple[str, ...]
-    nonreparam_sites: tuple[str, ...]
-    outside_sites: tuple[str, ...]
-    value_axes: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
-    param_sites: tuple[str, ...] = ()
-    model_param_sites: tuple[str, ...] = ()
-    guide_factor_sites: tuple[str, ...] = ()
-    guide_only_subsampled: tuple[tuple[str, int, int], ...] = ()
-
-    @property
-    def scale(self) -> float:
-        r"""Subsampling factor :math:`\prod N/B` of the independent plates."""
-        return math.prod(n / b for n, b in zip(self.full_sizes, self.sizes))
 
 
 class LogWeights(NamedTuple):
@@ -264,15 +262,19 @@ class GuideDraw(NamedTuple):
 
     ``values`` are the latent values substituted into the model, ``plates`` the
     subsample indices of the guide's plates, and the ``log_q_*`` parts are as in
-    :class:`LogWeights`.
+    :class:`LogWeights`, one array per group of the
+    :class:`~numpyro_iwae.plates.PlateStructure` (one group under joint weighting).
+    Under local weighting ``global_values`` holds the global sites' values, without
+    a particle axis (every particle shares them), and ``values`` only the others.
     """
 
     values: dict[str, jax.Array]
     plates: dict[str, jax.Array]
-    log_q_rep: jax.Array
-    log_q_rep_path: jax.Array | None
-    log_q_score: jax.Array
+    log_q_rep: tuple[jax.Array, ...]
+    log_q_rep_path: tuple[jax.Array, ...] | None
+    log_q_score: tuple[jax.Array, ...]
     mutable_state: dict[str, Any]
+    global_values: dict[str, jax.Array] = {}
 
 
 class ModelOutput(NamedTuple):
@@ -284,23 +286,13 @@ class ModelOutput(NamedTuple):
     nan_data: dict[str, jax.Array]
 
 
-def _sample_sites(tr: Trace) -> dict[str, dict[str, Any]]:
-    # Sites are kept even when their value is empty: a ``numpyro.factor`` site
-    # has an empty value but a non-empty log density.
-    return {name: site for name, site in tr.items() if site["type"] == "sample"}
-
-
-def _is_latent(site: dict[str, Any]) -> bool:
-    return not site["is_observed"] and not site["infer"].get("is_auxiliary", False)
-
-
 def _check_sites(model_trace: Trace, guide_trace: Trace) -> None:
     """Raise a ValueError unless every model latent is drawn by the guide and
     every non-auxiliary guide draw is a latent of the model, with matching shapes.
     """
-    model_sites = _sample_sites(model_trace)
-    guide_sites = _sample_sites(guide_trace)
-    guide_latents = {n for n, s in guide_sites.items() if _is_latent(s)}
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
+    guide_latents = {n for n, s in guide_sites.items() if is_latent(s)}
     model_latents = {n for n, s in model_sites.items() if not s["is_observed"]}
 
     missing = sorted(model_latents - guide_latents)
@@ -344,17 +336,6 @@ def _is_delta(fn: Any) -> bool:
     return type(_base_distribution(fn)).__name__ == "Delta"
 
 
-def _reaches(jaxpr: Any) -> list[bool]:
-    """For each output of a jaxpr, whether it depends on any input (conservatively:
-    every output of an equation depends on all of its inputs).
-    """
-    tainted = set(jaxpr.invars)
-    for eqn in jaxpr.eqns:
-        if any(v in tainted for v in eqn.invars if not isinstance(v, Literal)):
-            tainted.update(eqn.outvars)
-    return [not isinstance(v, Literal) and v in tainted for v in jaxpr.outvars]
-
-
 def point_mass_sites(
     program: Program, params: Mapping[str, Any], key: jax.Array
 ) -> tuple[str, ...]:
@@ -373,7 +354,7 @@ def point_mass_sites(
         tr = program.trace_guide(params, key)
         return {
             n: jnp.asarray(site["value"])
-            for n, site in _sample_sites(tr).items()
+            for n, site in sample_sites(tr).items()
             if not site["is_observed"] and _is_delta(site["fn"])
         }
 
@@ -383,130 +364,6 @@ def point_mass_sites(
     return tuple(sorted(n for n, r in zip(names, random) if not r))
 
 
-def _plate_structure(model_trace: Trace, guide_trace: Trace) -> PlateStructure:
-    sites = list(_sample_sites(model_trace).values()) + list(_sample_sites(guide_trace).values())
-
-    def full_size(name: str, fallback: int) -> int:
-        for tr in (model_trace, guide_trace):
-            if name in tr and tr[name]["type"] == "plate":
-                return int(tr[name]["args"][0])
-        return fallback
-
-    stacks = [{f.name: f for f in s["cond_indep_stack"]} for s in sites]
-    common = set.intersection(*(set(st) for st in stacks)) if stacks else set()
-    all_plates: dict[str, Any] = {}
-    for st in stacks:
-        all_plates.update(st)
-    # Order the independent plates as the model's first site does (outermost first).
-    ref = stacks[0] if stacks else {}
-    names = tuple(sorted(common, key=lambda n: ref[n].dim))
-    sizes = tuple(int(ref[n].size) for n in names)
-    for st in stacks:
-        for n, size in zip(names, sizes):
-            if int(st[n].size) != size:
-                raise ValueError(
-                    f"Plate '{n}' has size {size} at one site and {st[n].size} at "
-                    "another; model and guide must subsample it identically."
-                )
-    joint = tuple(
-        sorted((n, full_size(n, int(f.size))) for n, f in all_plates.items() if n not in common)
-    )
-    subsampled_joint = tuple(
-        n
-        for n, f in sorted(all_plates.items())
-        if n not in common and full_size(n, int(f.size)) != int(f.size)
-    )
-    outside = tuple(
-        sorted({s["name"] for s, st in zip(sites, stacks) if set(all_plates) - set(st)})
-    )
-    guide_sites = _sample_sites(guide_trace)
-    nonreparam = tuple(
-        sorted(
-            n for n, s in guide_sites.items() if not s["is_observed"] and not s["fn"].has_rsample
-        )
-    )
-    value_axes = []
-    for name, site in sorted(guide_sites.items()):
-        if site["is_observed"] or not _is_latent(site):
-            continue
-        ndim = jnp.ndim(site["value"])
-        batch_ndim = ndim - site["fn"].event_dim
-        frames = {f.name: f for f in site["cond_indep_stack"]}
-        value_axes.append((name, ndim, tuple(batch_ndim + frames[n].dim for n in names)))
-    param_sites = tuple(
-        sorted(
-            {n for tr in (model_trace, guide_trace) for n, s in tr.items() if s["type"] == "param"}
-        )
-    )
-    guide_only = []
-    for name, site in sorted(guide_trace.items()):
-        if site["type"] != "plate" or name not in model_trace:
-            continue
-        size, guide_sub = site["args"]
-        model_sub = model_trace[name]["args"][1]
-        if guide_sub is not None and guide_sub != size and model_sub in (None, size):
-            guide_only.append((name, int(size), int(guide_sub)))
-    return PlateStructure(
-        names=names,
-        sizes=sizes,
-        full_sizes=tuple(full_size(n, b) for n, b in zip(names, sizes)),
-        joint_plates=joint,
-        subsampled_joint_plates=subsampled_joint,
-        nonreparam_sites=nonreparam,
-        outside_sites=outside,
-        value_axes=tuple(value_axes),
-        param_sites=param_sites,
-        model_param_sites=tuple(sorted(n for n, s in model_trace.items() if s["type"] == "param")),
-        guide_factor_sites=tuple(sorted(n for n, s in guide_sites.items() if s["is_observed"])),
-        guide_only_subsampled=tuple(guide_only),
-    )
-
-
-def _to_plates(
-    array: jax.Array, site: dict[str, Any], structure: PlateStructure, reduce: Callable
-) -> jax.Array:
-    """Reduce a site's batch-shaped ``array`` onto the independent plates with
-    ``reduce`` (``jnp.sum``/``jnp.any``) over every other dimension.
-    """
-    frames = {f.name: f for f in site["cond_indep_stack"]}
-    dims = [frames[name].dim for name in structure.names]
-    ndim = max([jnp.ndim(array)] + [-d for d in dims])
-    array = jnp.reshape(array, (1,) * (ndim - jnp.ndim(array)) + jnp.shape(array))
-    keep = [ndim + d for d in dims]
-    summed = tuple(ax for ax in range(ndim) if ax not in keep)
-    array = reduce(array, axis=summed, keepdims=True)
-    # Move the kept axes into the canonical order, then drop the reduced ones.
-    array = jnp.moveaxis(array, keep, range(ndim - len(keep), ndim))
-    array = jnp.reshape(array, jnp.shape(array)[ndim - len(keep) :])
-    return jnp.broadcast_to(array, structure.sizes)
-
-
-def _site_log_density(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
-    """``scale * log_prob`` of one site, summed onto the independent plates.
-
-    The subsampling factor of the independent plates is removed from the scale
-    (it is applied outside the logsumexp by the objective).
-    """
-    return _to_plates(_site_log_prob(site, structure), site, structure, jnp.sum)
-
-
-def _site_log_prob(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
-    fn, value = site["fn"], site["value"]
-    if site["intermediates"]:
-        log_prob = fn.log_prob(value, site["intermediates"])
-    else:
-        log_prob = fn.log_prob(value)
-    scale = site["scale"]
-    if scale is not None:
-        frames = {f.name for f in site["cond_indep_stack"]}
-        plate_factor = 1.0
-        for name, full, sub in zip(structure.names, structure.full_sizes, structure.sizes):
-            if name in frames and full != sub:
-                plate_factor *= full / sub
-        log_prob = log_prob * (scale / plate_factor)
-    return log_prob
-
-
 def _nan_data(site: dict[str, Any], log_prob: jax.Array, structure: PlateStructure) -> jax.Array:
     """Plate elements where an observed value is NaN and not masked (its
     ``log_prob`` is NaN, or ``-inf`` under NumPyro's validation, there; a mask makes
@@ -514,13 +371,13 @@ def _nan_data(site: dict[str, Any], log_prob: jax.Array, structure: PlateStructu
     """
     value = jnp.asarray(site["value"])
     if not jnp.issubdtype(value.dtype, jnp.inexact):
-        return jnp.zeros(structure.sizes, bool)
+        return jnp.zeros(structure.group_shape(structure.group_of(site["name"])), bool)
     event_dim = min(site["fn"].event_dim, value.ndim)
     nan = jnp.isnan(value)
     if event_dim:
         nan = jnp.any(nan, axis=tuple(range(-event_dim, 0)))
     bad = ~jnp.isfinite(log_prob) & nan
-    return _to_plates(bad, site, structure, jnp.any)
+    return to_plates(bad, site, structure, jnp.any)
 
 
 def _mutable_values(tr: Trace) -> dict[str, Any]:
@@ -531,7 +388,7 @@ def _draw_data(tr: Trace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any
     """What the model sees of a guide trace: latent values, subsample indices of
     the guide's plates, and mutable state.
     """
-    values = {n: s["value"] for n, s in _sample_sites(tr).items() if _is_latent(s)}
+    values = {n: s["value"] for n, s in sample_sites(tr).items() if is_latent(s)}
     plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}
     return values, plates, _mutable_values(tr)
 
@@ -564,7 +421,9 @@ class _MutableRecorder(Messenger):
             self.empty.append(msg["name"])
 
 
-def plan(program: Program, params: Mapping[str, Any], rng_key: jax.Array) -> PlateStructure:
+def plan(
+    program: Program, params: Mapping[str, Any], rng_key: jax.Array, weighting: str = "joint"
+) -> PlateStructure:
     """Trace one particle abstractly (no values are computed) to check that model
     and guide match and to find the plate structure; raises ``ValueError`` on a
     mismatch.
@@ -574,6 +433,10 @@ def plan(program: Program, params: Mapping[str, Any], rng_key: jax.Array) -> Pla
     ``jit`` the same particle simply gets weight zero. As under SVI's ``jit``,
     data must be indexable by traced subsample indices (JAX arrays, or
     ``numpyro.subsample``).
+
+    ``weighting`` is ``"joint"``, ``"local"`` or ``"auto"`` (see
+    :func:`choose_weighting`); the returned structure says which applies. Local
+    weighting needs a program seeded with :meth:`Program.with_seeded_plates`.
     """
     found: list[PlateStructure] = []
     recorder = _MutableRecorder()
@@ -582,7 +445,18 @@ def plan(program: Program, params: Mapping[str, Any], rng_key: jax.Array) -> Pla
         with recorder:
             model_trace, guide_trace = trace_pair(program, params, key)
         _check_sites(model_trace, guide_trace)
-        found.append(_plate_structure(model_trace, guide_trace))
+        joint = plate_structure(model_trace, guide_trace)
+        found.append(joint)
+        if weighting == "joint" or not joint.joint_plates:
+            return
+        demoted: frozenset = frozenset()
+        while True:
+            local = plate_structure(model_trace, guide_trace, "local", demoted)
+            leaks = _leaking_plates(program, params, key, local)
+            if not leaks:
+                break
+            demoted |= leaks
+        found.append(local)
 
     try:
         jax.eval_shape(probe, rng_key)
@@ -595,7 +469,136 @@ def plan(program: Program, params: Mapping[str, Any], rng_key: jax.Array) -> Pla
                 "mutable_state=svi_result.state.mutable_state."
             ) from err
         raise
-    return found[0]
+    if len(found) == 1:
+        return found[0]
+    joint, local = found
+    if weighting == "auto" and choose_weighting(joint) == "joint":
+        return joint
+    try:
+        _check_global_draws(program, params, rng_key, local)
+    except ValueError:
+        if weighting == "auto" and not joint.subsampled_joint_plates:
+            return joint  # a joint guide over all sites: joint weights are what it allows
+        raise
+    return local
+
+
+#: Under ``weighting="auto"``, local weighting is chosen when the weights would
+#: otherwise be joint over a plate of at least this many elements (or over a
+#: subsampled plate).
+AUTO_LOCAL_SIZE = 100
+
+
+def choose_weighting(joint: PlateStructure) -> str:
+    """What ``weighting="auto"`` picks for a model with the given joint structure:
+    ``"local"`` if some plate the weights would be joint over is subsampled (the
+    joint bound has no unbiased minibatch estimate) or has at least
+    :data:`AUTO_LOCAL_SIZE` elements (the joint bound then falls to the ELBO), else
+    ``"joint"`` (the tighter bound for a few datapoints).
+    """
+    if joint.subsampled_joint_plates:
+        return "local"
+    if any(size >= AUTO_LOCAL_SIZE for _, size in joint.joint_plates):
+        return "local"
+    return "joint"
+
+
+def _dependencies(jaxpr: Any) -> list[set[int]]:
+    """For each output of a jaxpr, the indices of the inputs it depends on
+    (conservatively: every output of an equation depends on all of its inputs).
+    """
+    deps: dict[Any, frozenset[int]] = {v: frozenset([i]) for i, v in enumerate(jaxpr.invars)}
+    for eqn in jaxpr.eqns:
+        found = frozenset().union(
+            *(deps.get(v, frozenset()) for v in eqn.invars if not isinstance(v, Literal))
+        )
+        if found:
+            for v in eqn.outvars:
+                deps[v] = found
+    return [set() if isinstance(v, Literal) else set(deps.get(v, ())) for v in jaxpr.outvars]
+
+
+def _reaches(jaxpr: Any) -> list[bool]:
+    """For each output of a jaxpr, whether it depends on any input."""
+    return [bool(d) for d in _dependencies(jaxpr)]
+
+
+def _leaking_plates(
+    program: Program, params: Mapping[str, Any], key: jax.Array, structure: PlateStructure
+) -> frozenset[str]:
+    """Local plates whose draws reach a log density of the model outside the plate.
+
+    A site outside a plate may depend on the plate's latents (NumPyro's plates
+    allow it), but then the plate's elements are not independent given the global
+    sites and the local bound would be wrong; such plates are made global.
+    Found by data flow in the model's jaxpr, from the local values to each group's
+    ``log p``.
+    """
+    if not structure.local_plates:
+        return frozenset()
+    model_key, guide_key = key
+    values, plates, mutable = _draw_data(
+        program.trace_guide(params, guide_key, structure.global_sites)
+    )
+    globals_ = {n: values[n] for n in structure.global_sites if n in values}
+    local = {n: v for n, v in values.items() if n not in globals_}
+    names = sorted(local)  # a dict's leaves come in sorted key order
+
+    def log_p_of(local_values: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+        draw = ({**values, **local_values}, plates, mutable)
+        return _model_stage(program, {**params, **globals_}, model_key, structure, draw)[0]
+
+    outputs = _dependencies(jax.make_jaxpr(log_p_of)(local).jaxpr)
+    leaks = set()
+    for i, name in enumerate(names):
+        group = structure.group_of(name)
+        if any(i in deps for g, deps in enumerate(outputs) if g != group):
+            leaks.add(structure.local_plates[group - 1][0])
+    return frozenset(leaks)
+
+
+def _check_global_draws(
+    program: Program,
+    params: Mapping[str, Any],
+    key: jax.Array,
+    structure: PlateStructure,
+) -> None:
+    r"""Raise if the guide's global draws depend on its local ones (the guide must
+    be :math:`q(\theta) \prod_n q(z_n \mid \theta)`); warn if no local draw depends on
+    the particle (nothing is weighted: the bound is the ELBO).
+    """
+    shared = structure.global_sites
+
+    def parts(guide_key: jax.Array) -> tuple:
+        tr = program.trace_guide(params, guide_key, shared)
+        values = _draw_data(tr)[0]
+        log_q = accumulate(list(sample_sites(tr).values()), structure)[0]
+        local = {n: v for n, v in values.items() if n not in shared}
+        return {n: values[n] for n in shared if n in values}, log_q, local
+
+    closed, out = jax.make_jaxpr(parts, return_shape=True)(key[1])
+    reached = _reaches(closed.jaxpr)
+    num_global = len(jax.tree.leaves(out[:2]))
+    if any(reached[:num_global]):
+        raise ValueError(
+            f"Local weighting draws the global site(s) {list(shared)} once and the local "
+            "sites per particle, so the guide must draw the global sites first and not "
+            "from the local ones: q(theta) q(z | theta). In this guide a global draw or "
+            "its density depends on a local draw (e.g. one joint AutoGuide over all "
+            "sites). Use a guide per site (AutoNormal, or an AutoGuideList), or "
+            "weighting='joint' (whose weights are joint over the data)."
+        )
+    if not any(reached[num_global:]):
+        warnings.warn(
+            "Local weighting: no latent is drawn per particle inside a plate "
+            f"(local plates: {[p for p, _, _ in structure.local_plates]}; global sites: "
+            f"{list(shared)}), so nothing is importance weighted and the bound is the "
+            "ELBO for every K (use Trace_ELBO). Local weighting pays off for latents "
+            "inside a data plate whose guide draws them per element (e.g. AutoNormal, "
+            "not a joint AutoGuide such as AutoDiagonalNormal).",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 ModelFn = Callable[[dict[str, jax.Array], dict[str, Any]], tuple[jax.Array, ModelOutput]]
@@ -615,21 +618,22 @@ def _guide_stage(
     params: Mapping[str, Any],
     key: jax.Array,
     structure: PlateStructure,
-    path: bool,
+    path: str | None,
 ) -> GuideDraw:
     """One particle's guide draw: values for the model and the parts of ``log q``
-    (the stopped-parameter part only when ``path``).
+    per group (the stopped-parameter part only when ``path`` is ``"stl"`` or
+    ``"dreg"``, see :func:`_path_log_density`). Global sites are
+    drawn from the program's global key, so every particle gets the same value.
     """
-    tr = program.trace_guide(params, key)
-    zeros = jnp.zeros(structure.sizes)
-    rep, score = zeros, zeros
-    for site in _sample_sites(tr).values():
-        if site["is_observed"] or site["fn"].has_rsample:
-            rep = rep + _site_log_density(site, structure)
-        else:
-            score = score + _site_log_density(site, structure)
+    tr = program.trace_guide(params, key, structure.global_sites)
+    sites = list(sample_sites(tr).values())
+    rep_sites = [s for s in sites if s["is_observed"] or s["fn"].has_rsample]
+    rep = accumulate(rep_sites, structure)
+    score = accumulate([s for s in sites if not any(s is r for r in rep_sites)], structure)
     values, plates, mutable = _draw_data(tr)
-    rep_path = _path_log_density(program, params, key, tr, structure) if path else None
+    rep_path = None
+    if path:
+        rep_path = _path_log_density(program, params, key, tr, structure, path == "dreg")
     return GuideDraw(values, plates, rep, rep_path, score, mutable)
 
 
@@ -639,9 +643,11 @@ def _path_log_density(
     key: jax.Array,
     tr: Trace,
     structure: PlateStructure,
-) -> jax.Array:
-    """``log q`` of the reparameterized sites at ``stop_gradient(params)``, as a
-    function of the sampled values (which keep their path to the parameters).
+    stop_globals: bool = False,
+) -> tuple[jax.Array, ...]:
+    r"""``log q`` of the reparameterized sites at ``stop_gradient(params)``, as a
+    function of the sampled values (which keep their path to the parameters), per
+    group.
 
     The guide is run again with its parameters stopped and every sampled value
     (and minibatch) substituted, so each distribution is rebuilt from stopped
@@ -650,22 +656,36 @@ def _path_log_density(
     through intermediates computed with live parameters. ``Delta`` sites that
     carry a transform of an auxiliary sample recompute value and log-Jacobian
     from the substituted sample, i.e. along its path.
+
+    With ``stop_globals`` (DReG under local weighting) the global values are
+    substituted stopped as well: a local site's density is then that of
+    :math:`q(z \mid \mathrm{sg}(\theta))`, as the doubly reparameterized identity for
+    the local particles needs (theta is a parameter of their proposal), and each
+    global site's own density is evaluated at its live value. Without it (STL),
+    theta is a live value like any other: the path derivative of
+    :math:`\log q(\theta, z)`.
     """
     data = {n: s["value"] for n, s in tr.items() if s["type"] in ("sample", "plate")}
+    live = {n: data[n] for n in structure.global_sites} if stop_globals else {}
+    data.update(jax.tree.map(jax.lax.stop_gradient, live))
     stopped = jax.tree.map(jax.lax.stop_gradient, dict(params))
+
+    def density(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
+        site = {**site, "intermediates": [], "value": live.get(site["name"], site["value"])}
+        return site_log_density(site, structure)
+
     try:
         rerun = program.trace_guide({**stopped, **data}, key)
-        total = jnp.zeros(structure.sizes)
-        for site in _sample_sites(rerun).values():
-            if not site["is_observed"] and site["fn"].has_rsample:
-                total = total + _site_log_density({**site, "intermediates": []}, structure)
+        sites = [
+            s for s in sample_sites(rerun).values() if not s["is_observed"] and s["fn"].has_rsample
+        ]
+        return accumulate(sites, structure, density)
     except NotImplementedError as err:
         raise NotImplementedError(
             "gradient_estimator 'stl'/'dreg' evaluates log q(z) at stopped parameters as a "
             "function of z, through the inverse of each transform; a transform in this guide "
             f"has none ({err}). Use gradient_estimator='reparam' for this guide."
         ) from err
-    return total
 
 
 def _model_stage(
@@ -674,22 +694,23 @@ def _model_stage(
     key: jax.Array,
     structure: PlateStructure,
     draw: tuple[dict, dict, dict],
-) -> tuple[jax.Array, ModelOutput]:
-    """One particle's ``log p(x, z)`` with z from the guide draw (its values,
-    subsample indices and mutable state), its mutable state and where its observed
-    data is NaN.
+) -> tuple[tuple[jax.Array, ...], ModelOutput]:
+    """One particle's ``log p(x, z)`` per group with z from the guide draw (its
+    values, subsample indices and mutable state; global values come in ``params``),
+    its mutable state and where its observed data is NaN.
     """
     values, plates, mutable = draw
     data = {**mutable, **plates, **values}
     tr = program.trace_model(params, key, data)
-    log_p = jnp.zeros(structure.sizes)
+    log_p = list(structure.zeros())
     nan_data = {}
-    for name, site in _sample_sites(tr).items():
-        log_prob = _site_log_prob(site, structure)
-        log_p = log_p + _to_plates(log_prob, site, structure, jnp.sum)
+    for name, site in sample_sites(tr).items():
+        log_prob = site_log_prob(site, structure)
+        group = structure.group_of(name)
+        log_p[group] = log_p[group] + to_plates(log_prob, site, structure, jnp.sum)
         if site["is_observed"]:
             nan_data[name] = _nan_data(site, log_prob, structure)
-    return log_p, ModelOutput({**mutable, **_mutable_values(tr)}, nan_data)
+    return tuple(log_p), ModelOutput({**mutable, **_mutable_values(tr)}, nan_data)
 
 
 def draw_particles(
@@ -699,22 +720,24 @@ def draw_particles(
     num_particles: int,
     vectorize: VectorizeFn,
     *,
-    path: bool = False,
+    path: str | None = None,
+    weighting: str = "joint",
 ) -> tuple[GuideDraw, ModelFn, PlateStructure]:
     """Draw K particles from the guide; return them with the model's log density
     as a pure function of (latent values, params).
 
-    With ``path=True`` the draw also holds ``log_q_rep_path`` (``None``
-    otherwise), which costs a second, gradient-free pass of the guide.
+    With ``path="stl"`` or ``"dreg"`` the draw also holds ``log_q_rep_path``
+    (``None`` otherwise), which costs a second, gradient-free pass of the guide.
 
     ``model_fn(values, params) -> (log_p, ModelOutput)`` evaluates all K
     particles; it closes over the model keys, minibatch and data, so an objective
-    can wrap it (e.g. in a ``custom_vjp``) without running user code twice.
+    can wrap it (e.g. in a ``custom_vjp``) without running user code twice. Under
+    local weighting ``params`` must also hold the draw's ``global_values``.
     """
     plate_key, keys = split_keys(rng_key, num_particles)
     program.prepare_guide(params, plate_key)
     program = program.with_seeded_plates(plate_key)
-    structure = plan(program, params, keys[0])
+    structure = plan(program, params, keys[0], weighting)
     draw, model_fn = draw_with_keys(program, params, keys, vectorize, structure, path=path)
     return draw, model_fn, structure
 
@@ -726,7 +749,7 @@ def draw_with_keys(
     vectorize: VectorizeFn,
     structure: PlateStructure,
     *,
-    path: bool = False,
+    path: str | None = None,
 ) -> tuple[GuideDraw, ModelFn]:
     """:func:`draw_particles` for given particle keys (shape ``(K, 2)``) and a known
     structure; the program's plates must already be seeded
@@ -738,6 +761,12 @@ def draw_with_keys(
         return _guide_stage(program, params, key, structure, path)
 
     draw = _map_particles(vectorize, guide_stage, keys[:, 1])
+    if structure.global_sites:
+        # Shared by every particle: one value (the map broadcast it), passed to the
+        # model with the parameters.
+        shared = {n: draw.values[n][0] for n in structure.global_sites if n in draw.values}
+        values = {n: v for n, v in draw.values.items() if n not in shared}
+        draw = draw._replace(values=values, global_values=shared)
 
     def model_fn(values: dict[str, jax.Array], model_params: dict[str, Any]):
         def one(inputs: tuple) -> tuple[jax.Array, ModelOutput]:
@@ -748,14 +777,21 @@ def draw_with_keys(
         inputs = (keys[:, 0], (values, draw.plates, draw.mutable_state))
         return _map_particles(vectorize, one, inputs)
 
-    return draw, zero_weight_safe(model_fn, structure.value_axes, bool(structure.model_param_sites))
+    shared_params = bool(structure.model_param_sites or structure.global_sites)
+    safe = zero_weight_safe(model_fn, structure.value_axes, shared_params, structure.value_groups)
+    return draw, safe
 
 
 def _float_leaves(tree: Any) -> list[jax.Array]:
     return [g for g in jax.tree.leaves(tree) if jnp.issubdtype(g.dtype, jnp.inexact)]
 
 
-def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) -> ModelFn:
+def zero_weight_safe(
+    model_fn: ModelFn,
+    value_axes: tuple,
+    shared_params: bool,
+    value_groups: tuple[tuple[str, int], ...] = (),
+) -> ModelFn:
     r"""``model_fn`` whose gradient gets nothing from a particle of weight zero.
 
     A particle whose ``log p`` is ``-inf`` or NaN (a scale that underflowed to 0, a
@@ -771,17 +807,25 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
       particle is dead (it is separate per particle and plate element, so nothing
       else is touched): this costs one ``where``;
     - the cotangent of parameters shared by all particles (``shared_params``: the
-      model has ``param`` or ``module`` sites) is a sum over particles, which one
-      NaN spoils. Only when it comes out non-finite while some particle is dead is
-      the model's vector-Jacobian product evaluated again, with each dead particle
-      moved onto the best particle of its plate element (a point where every
-      derivative is finite; the zero cotangent makes the choice irrelevant).
-      Without ``shared_params`` this second path is not compiled at all.
+      model has ``param`` or ``module`` sites, or global values) is a sum over
+      particles, which one NaN spoils. Only when it comes out non-finite while some
+      particle is dead is the model's vector-Jacobian product evaluated again, with
+      each dead particle moved onto the best particle of its plate element (a point
+      where every derivative is finite; the zero cotangent makes the choice
+      irrelevant). Without ``shared_params`` this second path is not compiled at all.
+
+    ``model_fn`` returns ``log p`` as one array or as a tuple of group arrays;
+    ``value_groups`` says which group each value belongs to (group 0 if absent).
     """
     axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
+    groups = dict(value_groups)
+    live_groups = sorted({groups.get(name, 0) for name in axes})
+
+    def per_group(log_p: Any) -> tuple:
+        return log_p if isinstance(log_p, tuple) else (log_p,)
 
     def wrapped(values: dict[str, jax.Array], params: Any) -> tuple[jax.Array, ModelOutput]:
-        converted, consts = jax.closure_convert(model_fn, values, params)
+        converted, consts = hoist_closure(model_fn, values, params)
 
         @jax.custom_vjp
         def fn(values, params, *consts):
@@ -792,14 +836,15 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
             # The inputs are kept only for the second backward pass, if there is one.
             return out, (vjp, (out[0], values, params, consts) if shared_params else None)
 
-        def zero_dead(g_values: dict, dead: jax.Array) -> dict:
+        def zero_dead(g_values: dict, dead: dict) -> dict:
             out = {}
             for name, g in g_values.items():
                 if g.dtype == jax.dtypes.float0:  # integer values: no cotangent
                     out[name] = g
                 else:
                     ndim, ax = axes[name]
-                    out[name] = jnp.where(plate_layout(dead, ndim, ax), 0.0, g).astype(g.dtype)
+                    mask = plate_layout(dead[groups.get(name, 0)], ndim, ax)
+                    out[name] = jnp.where(mask, 0.0, g).astype(g.dtype)
             return out
 
         def bwd(res, cotangent):
@@ -807,29 +852,43 @@ def zero_weight_safe(model_fn: ModelFn, value_axes: tuple, shared_params: bool) 
             # Dead: a cotangent of exactly 0. The bounds give that to every particle
             # of weight zero: log p of -inf or NaN (nan_to_neginf passes cotangents
             # through), or finite but so small that its normalized weight underflows.
-            dead = cotangent[0] == 0
+            # Only groups that hold per-particle values count.
+            dead = {g: per_group(cotangent[0])[g] == 0 for g in live_groups}
             g_values, *g_rest = vjp(cotangent)
             grads = (zero_dead(g_values, dead), *g_rest)
-            if not shared_params:
+            if not shared_params or not dead:
                 return grads
 
             log_p, values, params, consts = inputs
 
-            def moved(_: None) -> tuple:
+            def moved(_: None) -> list:
                 # The dead particles' cotangent is 0, so at their new, finite points
-                # they contribute exactly 0 to every cotangent.
-                best = jnp.argmax(jnp.where(dead, -jnp.inf, log_p), axis=0)
+                # they contribute exactly 0 to every cotangent. The values' cotangents
+                # are those of the first pass already (zero where dead): only the
+                # shared inputs' are recomputed, so the branches carry small outputs.
+                best = {
+                    g: jnp.argmax(jnp.where(dead[g], -jnp.inf, per_group(log_p)[g]), axis=0)
+                    for g in dead
+                }
                 safe = {}
                 for name, value in values.items():
                     ndim, ax = axes[name]
-                    chosen = jnp.take_along_axis(value, plate_layout(best[None], ndim, ax), axis=0)
-                    safe[name] = jnp.where(plate_layout(dead, ndim, ax), chosen, value)
+                    group = groups.get(name, 0)
+                    index = plate_layout(best[group][None], ndim, ax)
+                    chosen = jnp.take_along_axis(value, index, axis=0)
+                    safe[name] = jnp.where(plate_layout(dead[group], ndim, ax), chosen, value)
                 _, safe_vjp = jax.vjp(converted, safe, params, *consts)
-                return safe_vjp(cotangent)
+                return safe_vjp(cotangent)[1]
 
-            finite = [jnp.all(jnp.isfinite(g)) for g in _float_leaves(g_rest)]
-            redo = jnp.any(dead) & ~jnp.all(jnp.array(finite or [True]))
-            return jax.lax.cond(redo, moved, lambda _: grads, None)
+            # Only the parameters' cotangents are checked and redone: those of the
+            # closure's traced values (the data, keys) are rarely wanted, and reading
+            # them would force XLA to compute them.
+            g_params, *g_consts = g_rest
+            finite = [jnp.all(jnp.isfinite(g)) for g in _float_leaves(g_params)]
+            any_dead = jnp.any(jnp.stack([jnp.any(d) for d in dead.values()]))
+            redo = any_dead & ~jnp.all(jnp.array(finite or [True]))
+            g_params = jax.lax.cond(redo, moved, lambda _: g_params, None)
+            return (grads[0], g_params, *g_consts)
 
         fn.defvjp(fwd, bwd)
         return fn(values, params, *consts)
@@ -844,13 +903,15 @@ def _map_particles(vectorize: VectorizeFn, fn: Callable, xs: Any) -> Any:
     return vectorize(fn, xs)
 
 
-def any_nan_data(output: ModelOutput) -> jax.Array | None:
-    """Plate elements with NaN observed data at any site (``None`` if the model
-    observes nothing), from a K-particle :class:`ModelOutput`.
+def any_nan_data(output: ModelOutput, structure: PlateStructure) -> tuple[jax.Array | None, ...]:
+    """Per group, the plate elements with NaN observed data at any of its sites
+    (``None`` for a group that observes nothing), from a K-particle
+    :class:`ModelOutput`.
     """
-    if not output.nan_data:
-        return None
-    return jnp.any(jnp.stack([v[0] for v in output.nan_data.values()]), axis=0)
+    found: list[list[jax.Array]] = [[] for _ in range(structure.num_groups)]
+    for name, nan in output.nan_data.items():
+        found[structure.group_of(name)].append(nan[0])
+    return tuple(jnp.any(jnp.stack(f), axis=0) if f else None for f in found)
 
 
 def log_weights(
@@ -879,16 +940,16 @@ def log_weights(
 
     """
     draw, model_fn, structure = draw_particles(
-        program, params, rng_key, num_particles, vectorize, path=True
+        program, params, rng_key, num_particles, vectorize, path="stl"
     )
     log_p, output = model_fn(draw.values, params)
     weights = LogWeights(
-        log_p,
-        draw.log_q_rep,
-        draw.log_q_rep_path,
-        draw.log_q_score,
+        log_p[0],
+        draw.log_q_rep[0],
+        draw.log_q_rep_path[0],
+        draw.log_q_score[0],
         output.mutable_state or None,
-        any_nan_data(output),
+        any_nan_data(output, structure)[0],
     )
     return weights, structure
 
@@ -910,24 +971,26 @@ def caller_stacklevel() -> int:
 
 
 def check_subsampling(structure: PlateStructure, num_particles: int) -> None:
-    """Raise if the bound would be biased by subsampling; warn if it is joint
-    over a large plate.
+    """Under joint weighting, raise if the bound would be biased by subsampling;
+    warn if it is joint over a large plate.
 
     A subsampled plate that does not enclose every sample site (e.g. a data plate
     next to a global latent) cannot be scaled outside the ``logsumexp``, and
     scaling inside it biases the bound for ``K > 1``. With ``K = 1`` the bound
-    is the ELBO, which is linear in the log weights, so scaling is unbiased.
+    is the ELBO, which is linear in the log weights, so scaling is unbiased. Local
+    weighting has neither problem.
     """
+    if structure.weighting == "local":
+        return
     if structure.subsampled_joint_plates and num_particles > 1:
         raise ValueError(
             f"Plate(s) {list(structure.subsampled_joint_plates)} are subsampled but do "
             f"not enclose every sample site (sites outside: "
-            f"{list(structure.outside_sites)}). With global latent variables the "
-            "importance weights are joint over all data, and no unbiased "
-            "minibatch estimate of the K-particle bound exists (rescaling inside "
-            "the logsumexp is biased). Use num_particles=1 (the ELBO, e.g. "
-            "Trace_ELBO), or move the global latents into the guide's point "
-            "estimates (numpyro.param)."
+            f"{list(structure.outside_sites)}). With weighting='joint' the importance "
+            "weights are joint over all data, and no unbiased minibatch estimate of the "
+            "K-particle bound exists (rescaling inside the logsumexp is biased). Use "
+            "weighting='local' (or the default 'auto'): the global sites are drawn once "
+            "and the particles weighted per plate element, which minibatches exactly."
         )
     large = [(n, size) for n, size in structure.joint_plates if size >= LARGE_PLATE_SIZE]
     if large and num_particles > 1:
@@ -937,9 +1000,9 @@ def check_subsampling(structure: PlateStructure, num_particles: int) -> None:
             "particle for the whole data. The bound is valid, but with many datapoints "
             "one particle takes nearly all the weight, the bound is barely above the "
             "ELBO and the guide's gradient is noisier than the ELBO's: such fits can end "
-            "worse than Trace_ELBO's. For a global latent next to a large data plate "
-            "prefer Trace_ELBO; IWELBO pays off when every latent is local to a plate "
-            "element.",
+            "worse than Trace_ELBO's. Use weighting='local' (the default 'auto' does "
+            "for plates this large): the global sites are drawn once and the particles "
+            "weighted per plate element.",
             JointWeightsWarning,
             stacklevel=caller_stacklevel(),
         )

@@ -443,7 +443,7 @@ def test_discrete_guide_site_bound_value_is_exact_at_exact_posterior():
         assert abs(-float(loss) - math.log(evidence)) < 1e-5
 
 
-def test_global_latent_with_subsampled_plate_is_an_error():
+def test_joint_weighting_of_a_subsampled_plate_with_a_global_latent_is_an_error():
     def model(x):
         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
         with numpyro.plate("data", x.shape[0], subsample_size=2) as idx:
@@ -453,10 +453,13 @@ def test_global_latent_with_subsampled_plate_is_an_error():
         numpyro.sample("z", dist.Normal(0.0, 1.0))
 
     x = jnp.asarray(XG)  # indexed by traced subsample indices, as under SVI's jit
-    with pytest.raises(ValueError, match=r"\['data'\] are subsampled.*global|joint"):
-        IWELBO(4).loss(jax.random.key(0), {}, model, guide, x)
+    joint = IWELBO(4, weighting="joint")
+    with pytest.raises(ValueError, match=r"\['data'\] are subsampled.*weighting='local'"):
+        joint.loss(jax.random.key(0), {}, model, guide, x)
     # K = 1 is the ELBO: linear in the log weights, so subsampling stays unbiased.
-    assert np.isfinite(IWELBO(1).loss(jax.random.key(0), {}, model, guide, x))
+    assert np.isfinite(IWELBO(1, weighting="joint").loss(jax.random.key(0), {}, model, guide, x))
+    # The default weights locally: it runs.
+    assert np.isfinite(IWELBO(4).loss(jax.random.key(0), {}, model, guide, x))
 
 
 def test_joint_weights_warning_for_large_plates_only():
@@ -468,8 +471,8 @@ def test_joint_weights_warning_for_large_plates_only():
     def guide(x):
         numpyro.sample("z", dist.Normal(0.0, 1.0))
 
-    with pytest.warns(JointWeightsWarning, match="data.*prefer Trace_ELBO") as record:
-        IWELBO(4).loss(jax.random.key(0), {}, model, guide, jnp.zeros(100))
+    with pytest.warns(JointWeightsWarning, match="data.*weighting='local'") as record:
+        IWELBO(4, weighting="joint").loss(jax.random.key(0), {}, model, guide, jnp.zeros(100))
     assert record[0].filename == __file__  # points at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error", JointWeightsWarning)

@@ -1,0 +1,378 @@
+r"""How a model/guide pair's log densities factorize over its plates.
+
+Given one traced particle (a model trace and a guide trace), this module finds
+which plates the importance weights are formed per element of, and reduces each
+site's ``log_prob`` onto them. Nothing here runs user code.
+
+**Independent plates** enclose every sample site of the model and of the guide.
+The joint density factorizes along them, so the bound is formed per element.
+
+**Local plates** (``weighting="local"``) are the outermost other plates that hold
+latent draws whose densities stay inside them. Sample sites are put in *groups*:
+group 0 holds the *global* sites (outside every local plate, drawn once and shared
+by all particles), group ``i`` the sites inside the ``i``-th local plate (drawn per
+particle). Log densities are then a tuple with one array per group: group 0 of
+shape ``(K, *sizes)``, group ``i`` of shape ``(K, *sizes, local size i)``. Under
+``weighting="joint"`` there is one group, the whole model, weighted over the
+particles (Burda et al., 2016).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "PlateStructure",
+    "WEIGHTINGS",
+    "accumulate",
+    "is_latent",
+    "plate_structure",
+    "sample_sites",
+    "site_log_density",
+    "site_log_prob",
+    "to_plates",
+]
+
+#: The accepted values of ``weighting``: how particles are weighted together.
+WEIGHTINGS = ("auto", "joint", "local")
+
+Trace = dict[str, dict[str, Any]]
+
+
+def sample_sites(tr: Trace) -> dict[str, dict[str, Any]]:
+    """The ``sample`` sites of a trace, by name (``numpyro.factor`` sites included:
+    their value is empty but their log density is not).
+    """
+    return {name: site for name, site in tr.items() if site["type"] == "sample"}
+
+
+def is_latent(site: dict[str, Any]) -> bool:
+    """A draw of the guide that the model sees: not observed, not auxiliary."""
+    return not site["is_observed"] and not site["infer"].get("is_auxiliary", False)
+
+
+@dataclass(frozen=True)
+class PlateStructure:
+    r"""Static description of how the log weights factorize.
+
+    Attributes:
+        names: the independent plates, i.e. the plates that enclose every sample
+            site of the model and of the guide, outermost first. The log weights
+            have one entry per element of these plates.
+        sizes: their (subsampled) sizes: the trailing shape of the log weights.
+        full_sizes: their sizes before subsampling.
+        joint_plates: ``{name: full size}`` of plates that enclose some sample
+            sites but not all; under joint weighting the weights are joint along them.
+        subsampled_joint_plates: the joint plates that are subsampled; for
+            ``K > 1`` joint weighting has no unbiased bound for them.
+        nonreparam_sites: guide latent sites whose distribution has no
+            reparameterized sampler (e.g. ``Bernoulli``).
+        outside_sites: sample sites that lie outside some joint plate (for
+            error messages).
+        value_axes: ``(name, ndim, plate axes)`` of each per-particle latent value:
+            where its group's plates lie in its shape.
+        param_sites: every ``param`` site of model and guide.
+        model_param_sites: the ``param`` sites of the model.
+        guide_factor_sites: observed and ``numpyro.factor`` sites of the guide; they
+            enter :math:`\log q` but are not draws.
+        guide_only_subsampled: plates the guide subsamples although the model, called
+            on its own with the same arguments, does not (e.g. an AutoGuide that fixed
+            its plate's subsample size at first use).
+        weighting: ``"joint"`` or ``"local"``, as resolved for this model.
+        local_plates: ``(name, size, full size)`` of each local plate (local
+            weighting only).
+        groups: ``(site name, group)`` for every sample site of model and guide:
+            0 for the global group, ``i`` for the ``i``-th local plate. Empty under
+            joint weighting (everything is in group 0).
+        global_sites: the guide's draws in group 0 under local weighting: drawn
+            once per step and shared by every particle.
+
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    full_sizes: tuple[int, ...]
+    joint_plates: tuple[tuple[str, int], ...]
+    subsampled_joint_plates: tuple[str, ...]
+    nonreparam_sites: tuple[str, ...]
+    outside_sites: tuple[str, ...]
+    value_axes: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    param_sites: tuple[str, ...] = ()
+    model_param_sites: tuple[str, ...] = ()
+    guide_factor_sites: tuple[str, ...] = ()
+    guide_only_subsampled: tuple[tuple[str, int, int], ...] = ()
+    weighting: str = "joint"
+    local_plates: tuple[tuple[str, int, int], ...] = ()
+    groups: tuple[tuple[str, int], ...] = ()
+    global_sites: tuple[str, ...] = ()
+
+    @property
+    def scale(self) -> float:
+        r"""Subsampling factor :math:`\prod N/B` of the independent plates."""
+        return math.prod(n / b for n, b in zip(self.full_sizes, self.sizes))
+
+    @property
+    def num_groups(self) -> int:
+        """1 under joint weighting, 1 + the number of local plates under local."""
+        return 1 + len(self.local_plates)
+
+    def group_of(self, name: str) -> int:
+        """The group of a sample site (0 for global sites and under joint weighting)."""
+        return dict(self.groups).get(name, 0)
+
+    def group_plates(self, group: int) -> tuple[str, ...]:
+        """The plates a group's log densities are reduced onto, outermost first."""
+        return self.names + ((self.local_plates[group - 1][0],) if group else ())
+
+    def group_shape(self, group: int) -> tuple[int, ...]:
+        """The shape (without the particle axis) of a group's log densities."""
+        return self.sizes + ((self.local_plates[group - 1][1],) if group else ())
+
+    def local_scale(self, group: int) -> float:
+        """Subsampling factor N/B of a local plate (1 for group 0)."""
+        if not group:
+            return 1.0
+        _, size, full = self.local_plates[group - 1]
+        return full / size
+
+    def group_sites(self, group: int, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Those of ``names`` that are in ``group``."""
+        return tuple(n for n in names if self.group_of(n) == group)
+
+    @property
+    def value_groups(self) -> tuple[tuple[str, int], ...]:
+        """``(name, group)`` of each per-particle latent value."""
+        return tuple((name, self.group_of(name)) for name, _, _ in self.value_axes)
+
+    def zeros(self) -> tuple[jax.Array, ...]:
+        """One zero array per group, to accumulate log densities into."""
+        return tuple(jnp.zeros(self.group_shape(g)) for g in range(self.num_groups))
+
+
+def _local_plates(
+    stacks: list[dict[str, Any]], draws: list[bool], common: set[str], demoted: set[str]
+) -> tuple[list[str], set[str]]:
+    """The outermost plates holding draws, and plates that must be demoted because
+    a site lies in two of them (crossed plates: no per-element split exists).
+    """
+    extra = [set(st) - common for st in stacks]
+    candidates = {p for e, draw in zip(extra, draws) if draw for p in e} - demoted
+
+    def encloses(q: str, p: str) -> bool:  # every site in p is also in q
+        return all(q in e for e in extra if p in e)
+
+    def dominated(p: str) -> bool:
+        return any(q != p and encloses(q, p) and (not encloses(p, q) or q < p) for q in candidates)
+
+    local = sorted(p for p in candidates if not dominated(p))
+    crossed = set()
+    for e in extra:
+        inside = [p for p in local if p in e]
+        if len(inside) > 1:
+            crossed.update(inside)
+    return local, crossed
+
+
+def plate_structure(
+    model_trace: Trace,
+    guide_trace: Trace,
+    weighting: str = "joint",
+    demoted: frozenset = frozenset(),
+) -> PlateStructure:
+    """Find the plate structure of one traced particle.
+
+    Args:
+        model_trace: the model's trace, run against the guide's draw.
+        guide_trace: the guide's trace.
+        weighting: ``"joint"`` or ``"local"``.
+        demoted: plates never to treat as local (their sites are global).
+
+    Raises:
+        ValueError: model and guide subsample a plate differently, or a draw lies in
+            a local plate in the model but not in the guide.
+
+    """
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
+    named = [(n, s) for n, s in model_sites.items()] + [(n, s) for n, s in guide_sites.items()]
+    sites = [s for _, s in named]
+
+    def full_size(name: str, fallback: int) -> int:
+        for tr in (model_trace, guide_trace):
+            if name in tr and tr[name]["type"] == "plate":
+                return int(tr[name]["args"][0])
+        return fallback
+
+    stacks = [{f.name: f for f in s["cond_indep_stack"]} for s in sites]
+    common = set.intersection(*(set(st) for st in stacks)) if stacks else set()
+    all_plates: dict[str, Any] = {}
+    for st in stacks:
+        all_plates.update(st)
+    # Order the independent plates as the model's first site does (outermost first).
+    ref = stacks[0] if stacks else {}
+    names = tuple(sorted(common, key=lambda n: ref[n].dim))
+    sizes = tuple(int(ref[n].size) for n in names)
+    for st in stacks:
+        for n, size in zip(names, sizes):
+            if int(st[n].size) != size:
+                raise ValueError(
+                    f"Plate '{n}' has size {size} at one site and {st[n].size} at "
+                    "another; model and guide must subsample it identically."
+                )
+    joint = tuple(
+        sorted((n, full_size(n, int(f.size))) for n, f in all_plates.items() if n not in common)
+    )
+    subsampled_joint = tuple(
+        n
+        for n, f in sorted(all_plates.items())
+        if n not in common and full_size(n, int(f.size)) != int(f.size)
+    )
+    outside = tuple(
+        sorted({s["name"] for s, st in zip(sites, stacks) if set(all_plates) - set(st)})
+    )
+
+    local: list[str] = []
+    groups: dict[str, int] = {}
+    if weighting == "local" and joint:
+        draws = [not s["is_observed"] for s in sites]
+        demoted = set(demoted)
+        while True:
+            local, crossed = _local_plates(stacks, draws, common, demoted)
+            # A site in two local plates (crossed plates), or in a local plate in the
+            # model but not in the guide (a joint guide draws it outside): its plates
+            # cannot be split per element, so they are made global.
+            groups = {}
+            for (name, _), st in zip(named, stacks):
+                inside = [i for i, p in enumerate(local, 1) if p in st]
+                group = inside[0] if inside else 0
+                if groups.setdefault(name, group) != group:
+                    crossed |= {local[g - 1] for g in (group, groups[name]) if g}
+            if not crossed:
+                break
+            demoted |= crossed
+    local_plates = []
+    for p in local:
+        size = int(all_plates[p].size)
+        for st in stacks:
+            if p in st and int(st[p].size) != size:
+                raise ValueError(
+                    f"Plate '{p}' has size {size} at one site and {st[p].size} at "
+                    "another; model and guide must subsample it identically."
+                )
+        local_plates.append((p, size, full_size(p, size)))
+
+    nonreparam = tuple(
+        sorted(
+            n for n, s in guide_sites.items() if not s["is_observed"] and not s["fn"].has_rsample
+        )
+    )
+    global_sites = tuple(
+        sorted(n for n, s in guide_sites.items() if not s["is_observed"] and groups.get(n) == 0)
+    )
+    value_axes = []
+    for name, site in sorted(guide_sites.items()):
+        if site["is_observed"] or not is_latent(site) or name in global_sites:
+            continue
+        ndim = jnp.ndim(site["value"])
+        batch_ndim = ndim - site["fn"].event_dim
+        frames = {f.name: f for f in site["cond_indep_stack"]}
+        group = groups.get(name, 0)
+        plates = names + ((local[group - 1],) if group else ())
+        value_axes.append((name, ndim, tuple(batch_ndim + frames[n].dim for n in plates)))
+    param_sites = tuple(
+        sorted(
+            {n for tr in (model_trace, guide_trace) for n, s in tr.items() if s["type"] == "param"}
+        )
+    )
+    guide_only = []
+    for name, site in sorted(guide_trace.items()):
+        if site["type"] != "plate" or name not in model_trace:
+            continue
+        size, guide_sub = site["args"]
+        model_sub = model_trace[name]["args"][1]
+        if guide_sub is not None and guide_sub != size and model_sub in (None, size):
+            guide_only.append((name, int(size), int(guide_sub)))
+    return PlateStructure(
+        names=names,
+        sizes=sizes,
+        full_sizes=tuple(full_size(n, b) for n, b in zip(names, sizes)),
+        joint_plates=joint,
+        subsampled_joint_plates=subsampled_joint,
+        nonreparam_sites=nonreparam,
+        outside_sites=outside,
+        value_axes=tuple(value_axes),
+        param_sites=param_sites,
+        model_param_sites=tuple(sorted(n for n, s in model_trace.items() if s["type"] == "param")),
+        guide_factor_sites=tuple(sorted(n for n, s in guide_sites.items() if s["is_observed"])),
+        guide_only_subsampled=tuple(guide_only),
+        weighting="local" if groups else "joint",
+        local_plates=tuple(local_plates),
+        groups=tuple(sorted(groups.items())),
+        global_sites=global_sites,
+    )
+
+
+def to_plates(
+    array: jax.Array, site: dict[str, Any], structure: PlateStructure, reduce: Callable
+) -> jax.Array:
+    """Reduce a site's batch-shaped ``array`` onto its group's plates with
+    ``reduce`` (``jnp.sum``/``jnp.any``) over every other dimension.
+    """
+    group = structure.group_of(site["name"])
+    frames = {f.name: f for f in site["cond_indep_stack"]}
+    dims = [frames[name].dim for name in structure.group_plates(group)]
+    ndim = max([jnp.ndim(array)] + [-d for d in dims])
+    array = jnp.reshape(array, (1,) * (ndim - jnp.ndim(array)) + jnp.shape(array))
+    keep = [ndim + d for d in dims]
+    summed = tuple(ax for ax in range(ndim) if ax not in keep)
+    array = reduce(array, axis=summed, keepdims=True)
+    # Move the kept axes into the canonical order, then drop the reduced ones.
+    array = jnp.moveaxis(array, keep, range(ndim - len(keep), ndim))
+    array = jnp.reshape(array, jnp.shape(array)[ndim - len(keep) :])
+    return jnp.broadcast_to(array, structure.group_shape(group))
+
+
+def site_log_prob(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
+    """``scale * log_prob`` of one site, batch-shaped, without the subsampling
+    factors of the plates its group is formed per element of (the objectives apply
+    those outside the ``logsumexp``).
+    """
+    fn, value = site["fn"], site["value"]
+    if site["intermediates"]:
+        log_prob = fn.log_prob(value, site["intermediates"])
+    else:
+        log_prob = fn.log_prob(value)
+    scale = site["scale"]
+    if scale is not None:
+        frames = {f.name for f in site["cond_indep_stack"]}
+        plate_factor = 1.0
+        for name, full, sub in zip(structure.names, structure.full_sizes, structure.sizes):
+            if name in frames and full != sub:
+                plate_factor *= full / sub
+        group = structure.group_of(site["name"])
+        if group:
+            plate_factor *= structure.local_scale(group)
+        log_prob = log_prob * (scale / plate_factor)
+    return log_prob
+
+
+def site_log_density(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
+    """:func:`site_log_prob` summed onto the site's group's plates."""
+    return to_plates(site_log_prob(site, structure), site, structure, jnp.sum)
+
+
+def accumulate(
+    sites: list[dict[str, Any]], structure: PlateStructure, density: Callable = site_log_density
+) -> tuple[jax.Array, ...]:
+    """Sum ``density(site, structure)`` of ``sites`` into one array per group."""
+    totals = list(structure.zeros())
+    for site in sites:
+        group = structure.group_of(site["name"])
+        totals[group] = totals[group] + density(site, structure)
+    return tuple(totals)
