@@ -11,6 +11,7 @@ chunking, the result does not depend on the chunk size beyond float rounding.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 import math
 from typing import Any, NamedTuple
 
@@ -57,6 +58,12 @@ class LogMarginalEstimate(NamedTuple):
             ``return_log_weights=True``, else ``None``.
         samples: approximate posterior samples, ``{site: (S, *site_shape)}``, drawn
             by importance resampling when ``num_samples=S > 0``, else ``None``.
+        local_ess: with ``num_global_particles``, the effective sample size of the
+            inner (local) weights per element of each local plate,
+            ``{plate: (*plate_shape, local size)}``, the median over the global
+            draws; else ``None``. ``ess``, ``k_hat`` and ``log_weights`` then
+            describe the outer weights, one per global draw.
+        local_k_hat: like ``local_ess``, the inner weights' PSIS :math:`\hat k`.
 
     """
 
@@ -67,6 +74,8 @@ class LogMarginalEstimate(NamedTuple):
     k_hat: jax.Array
     log_weights: jax.Array | None = None
     samples: dict[str, jax.Array] | None = None
+    local_ess: dict[str, jax.Array] | None = None
+    local_k_hat: dict[str, jax.Array] | None = None
 
     def to_inference_data(self) -> Any:
         """The resampled posterior as :class:`arviz.InferenceData`.
@@ -191,6 +200,31 @@ def _update(state: _Running, log_w: jax.Array) -> _Running:
     return _Running(peak, s1, s2, top)
 
 
+def _empty_running(shape: tuple[int, ...], m_top: int) -> _Running:
+    return _Running(
+        jnp.full(shape, -jnp.inf),
+        jnp.zeros(shape),
+        jnp.zeros(shape),
+        jnp.full((m_top,) + shape, -jnp.inf),
+    )
+
+
+def _ess(state: _Running) -> jax.Array:
+    r""":math:`(\sum w)^2 / \sum w^2` from a running state (0 with no live weight)."""
+    return jnp.where(state.s2 > 0, state.s1**2 / jnp.where(state.s2 > 0, state.s2, 1.0), 0.0)
+
+
+def _chunked(keys: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Particle keys as ``(chunks, chunk, ...)``, padded by repeating keys, and the
+    mask of the real particles.
+    """
+    num_chunks = -(-k // chunk)
+    pad = num_chunks * chunk - k
+    keys = jnp.concatenate([keys, keys[:pad]]) if pad else keys
+    live = (jnp.arange(num_chunks * chunk) < k).reshape(num_chunks, chunk)
+    return keys.reshape((num_chunks, chunk) + keys.shape[1:]), live
+
+
 def _log_total(state: _Running) -> jax.Array:
     return state.peak + jnp.log(state.s1)
 
@@ -276,10 +310,30 @@ class MarginalLikelihood:
     :param return_log_weights: also return all ``K x plate`` log weights. This
         takes O(K x data) memory, which streaming otherwise avoids: at K = 5000
         and 10,000 datapoints that is 200 MB of float32.
+    :param num_global_particles: S, for a model with global latents :math:`\theta`
+        (sites outside a data plate) next to local ones: use the nested estimator
+
+        .. math::
+
+            \hat p(x) = \frac1S \sum_{s=1}^S \frac{p(\theta_s)}{q(\theta_s)}
+                \prod_n \hat p_n(\theta_s), \qquad
+            \hat p_n(\theta) = \frac1K \sum_{k=1}^K
+                \frac{p(x_n, z_{nk} \mid \theta)}{q(z_{nk} \mid x_n, \theta)},
+
+        unbiased for :math:`p(x)` because the inner estimates are independent
+        given :math:`\theta`, with the local plates chosen as by
+        ``IWELBO(weighting="local")``. The S global draws are made one after
+        another, each with its K local particles streamed in chunks, so memory is
+        that of one chunk. ``stderr``, ``ess`` and ``k_hat`` describe the S outer
+        weights; ``local_ess`` and ``local_k_hat`` the inner ones. ``None`` (the
+        default): plain importance sampling, whose weights are joint over a data
+        plate next to a global latent (fine for a few datapoints, hopeless for
+        many: the joint weights' spread grows with the data).
 
     :raises ValueError: when called, if a param site has no value, a plate is
         subsampled, the guide is a point mass, or the observed data holds NaN
-        (naming the site).
+        (naming the site); with ``num_global_particles``, if the model has no
+        global latent or the guide draws its global sites from local ones.
 
     Example:
         >>> import jax, numpyro, numpyro.distributions as dist
@@ -308,6 +362,7 @@ class MarginalLikelihood:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         num_samples: int = 0,
         return_log_weights: bool = False,
+        num_global_particles: int | None = None,
     ) -> None:
         self.model = model
         self.guide = guide
@@ -320,12 +375,22 @@ class MarginalLikelihood:
         self.memory_budget = check_positive_int(memory_budget, "memory_budget")
         self.return_log_weights = bool(return_log_weights)
         self.num_samples = 0 if num_samples == 0 else check_positive_int(num_samples, "num_samples")
+        if num_global_particles is not None:
+            num_global_particles = check_positive_int(num_global_particles, "num_global_particles")
+            if self.num_samples:
+                raise ValueError(
+                    "num_samples (importance resampling) is not available with "
+                    "num_global_particles (the nested estimator); use one or the other."
+                )
+        self.num_global_particles = num_global_particles
         self._given_params = params is not None
         self._evaluate = jax.jit(self._evaluate_traced, static_argnums=3)
-        self._plate_names: dict[_Static, tuple[str, ...]] = {}
+        self._plate_names: dict[_Static, dict[str, tuple[str, ...]]] = {}
 
-    def _structure(self, program: Program, values: dict, key: jax.Array) -> PlateStructure:
-        structure = plan(program, values, key)
+    def _structure(
+        self, program: Program, values: dict, key: jax.Array, weighting: str = "joint"
+    ) -> PlateStructure:
+        structure = plan(program, values, key, weighting)
         missing = sorted(set(structure.param_sites) - set(self.params))
         if missing:
             hint = "" if self._given_params else " (no params were given)"
@@ -357,7 +422,7 @@ class MarginalLikelihood:
             n
             for n, full, b in zip(structure.names, structure.full_sizes, structure.sizes)
             if full != b
-        ]
+        ] + [n for n, size, full in structure.local_plates if full != size]
         if subsampled or structure.subsampled_joint_plates:
             raise ValueError(
                 f"Plate(s) {subsampled + list(structure.subsampled_joint_plates)} are "
@@ -377,7 +442,7 @@ class MarginalLikelihood:
         Program(self.model, self.guide, args, kwargs).prepare_guide(values, rng_key)
         dynamic, static = _split_static((args, kwargs))
         estimate, nan_data = self._evaluate(rng_key, values, dynamic, static)
-        _raise_on_nan_data(nan_data, self._plate_names.get(static, ()))
+        _raise_on_nan_data(nan_data, self._plate_names.get(static, {}))
         return estimate
 
     def _evaluate_traced(
@@ -387,6 +452,8 @@ class MarginalLikelihood:
         k = self.num_particles
         plate_key, keys = split_keys(rng_key, k)
         program = Program(self.model, self.guide, args, kwargs).with_seeded_plates(plate_key)
+        if self.num_global_particles is not None:
+            return self._evaluate_nested(rng_key, values, program, keys[0], static)
         structure = self._structure(program, values, keys[0])
 
         def chunk_log_w(chunk_keys: jax.Array) -> tuple[jax.Array, dict, dict]:
@@ -396,11 +463,8 @@ class MarginalLikelihood:
             return log_w, draw.values, output.nan_data
 
         chunk = self.chunk_size or self._auto_chunk(chunk_log_w, keys)
-        num_chunks = -(-k // chunk)
-        pad = num_chunks * chunk - k
-        keys = jnp.concatenate([keys, keys[:pad]]) if pad else keys
-        live = (jnp.arange(num_chunks * chunk) < k).reshape(num_chunks, chunk)
-        keys = keys.reshape((num_chunks, chunk) + keys.shape[1:])
+        keys, live = _chunked(keys, k, chunk)
+        num_chunks = keys.shape[0]
 
         def masked_log_w(chunk_keys: jax.Array, chunk_live: jax.Array) -> tuple:
             log_w, draw_values, nan_data = chunk_log_w(chunk_keys)
@@ -408,14 +472,7 @@ class MarginalLikelihood:
             nan_data = {n: jnp.any(v, axis=0) for n, v in nan_data.items()}
             return jnp.where(mask, log_w, -jnp.inf), draw_values, nan_data
 
-        m_top = min(psis_tail_length(k) + 1, k)
-        shape = structure.sizes
-        init = _Running(
-            jnp.full(shape, -jnp.inf),
-            jnp.zeros(shape),
-            jnp.zeros(shape),
-            jnp.full((m_top,) + shape, -jnp.inf),
-        )
+        init = _empty_running(structure.sizes, min(psis_tail_length(k) + 1, k))
         out_shapes = jax.eval_shape(lambda: masked_log_w(keys[0], live[0]))
         nan0 = {n: jnp.zeros(v.shape, bool) for n, v in out_shapes[2].items()}
 
@@ -445,7 +502,93 @@ class MarginalLikelihood:
             body, (init, samples0, nan0), (keys, live, resample_keys)
         )
         estimate = self._estimate(state, stacked, k, samples if num_samples else None)
-        self._plate_names[static] = structure.names  # for error messages
+        self._plate_names[static] = {n: structure.names for n in nan_data}  # for errors
+        return estimate, nan_data
+
+    def _evaluate_nested(
+        self, rng_key: jax.Array, values: dict, program: Program, key: jax.Array, static: _Static
+    ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
+        r"""The nested estimator: S global draws, each with K local particles per
+        element of every local plate, streamed over chunks of local particles and
+        mapped sequentially over the global draws.
+        """
+        k, num_global = self.num_particles, self.num_global_particles
+        structure = self._structure(program, values, key, "local")
+        if structure.weighting != "local":
+            raise ValueError(
+                "num_global_particles needs global latent sites (outside a data plate), "
+                "but every latent of this model is local to the plates "
+                f"{list(structure.names)}: leave num_global_particles=None."
+            )
+
+        def chunk_log_w(global_key: jax.Array, chunk_keys: jax.Array) -> tuple:
+            prog = replace(program, global_key=global_key)
+            draw, model_fn = draw_with_keys(prog, values, chunk_keys, _vmap, structure)
+            log_p, output = model_fn(draw.values, {**values, **draw.global_values})
+            parts = zip(log_p, draw.log_q_rep, draw.log_q_score)
+            log_w = tuple(nan_to_neginf(p - q - s) for p, q, s in parts)
+            return log_w, output.nan_data
+
+        def particle_keys(global_key: jax.Array) -> jax.Array:
+            return jax.random.split(jax.random.fold_in(global_key, 0), (k, 2))
+
+        global_keys = jax.random.split(jax.random.fold_in(rng_key, 2), num_global)
+        chunk = self.chunk_size or self._auto_chunk(
+            lambda ck: chunk_log_w(global_keys[0], ck), particle_keys(global_keys[0])
+        )
+        m_top = min(psis_tail_length(k) + 1, k)
+
+        def one_global(global_key: jax.Array) -> tuple:
+            keys, live = _chunked(particle_keys(global_key), k, chunk)
+
+            def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+                states, _, nan_data = carry
+                chunk_keys, chunk_live = xs
+                log_w, chunk_nan = chunk_log_w(global_key, chunk_keys)
+                mask = chunk_live.reshape((chunk,) + (1,) * len(structure.sizes))
+                states = tuple(
+                    _update(state, jnp.where(mask[..., None], w, -jnp.inf))
+                    for state, w in zip(states, log_w[1:])
+                )
+                nan_data = {n: nan_data[n] | jnp.any(v, axis=0) for n, v in chunk_nan.items()}
+                # The global group's rows agree (every particle shares the global draw).
+                return (states, log_w[0][0], nan_data), None
+
+            out = jax.eval_shape(lambda: chunk_log_w(global_key, keys[0]))
+            nan0 = {n: jnp.zeros(v.shape[1:], bool) for n, v in out[1].items()}
+            init = tuple(
+                _empty_running(structure.group_shape(g), m_top)
+                for g in range(1, structure.num_groups)
+            )
+            carry0 = (init, jnp.zeros(structure.sizes), nan0)
+            (states, global_term, nan_data), _ = jax.lax.scan(body, carry0, (keys, live))
+            outer = global_term
+            ess, k_hats = [], []
+            for state in states:
+                outer = outer + jnp.sum(state.peak + jnp.log(state.s1) - math.log(k), axis=-1)
+                ess.append(_ess(state))
+                k_hats.append(
+                    pareto_k_hat(state.top) if m_top > 1 else jnp.full(ess[-1].shape, jnp.inf)
+                )
+            return outer, tuple(ess), tuple(k_hats), nan_data
+
+        outer, inner_ess, inner_k_hat, nan_data = jax.lax.map(one_global, global_keys)
+        state = _update(
+            _empty_running(structure.sizes, min(psis_tail_length(num_global) + 1, num_global)),
+            outer,
+        )
+        estimate = self._estimate(
+            state, outer[None] if self.return_log_weights else None, num_global, None
+        )
+        names = [p for p, _, _ in structure.local_plates]
+        estimate = estimate._replace(
+            local_ess=dict(zip(names, (jnp.median(e, axis=0) for e in inner_ess))),
+            local_k_hat=dict(zip(names, (jnp.median(h, axis=0) for h in inner_k_hat))),
+        )
+        nan_data = {n: jnp.any(v, axis=0) for n, v in nan_data.items()}
+        self._plate_names[static] = {
+            n: structure.group_plates(structure.group_of(n)) for n in nan_data
+        }
         return estimate, nan_data
 
     def _auto_chunk(self, chunk_log_w: Callable, keys: jax.Array) -> int:
@@ -462,7 +605,7 @@ class MarginalLikelihood:
         self, state: _Running, stacked: jax.Array | None, k: int, samples: dict | None
     ) -> LogMarginalEstimate:
         pointwise = state.peak + jnp.log(state.s1) - math.log(k)
-        ess = jnp.where(state.s2 > 0, state.s1**2 / jnp.where(state.s2 > 0, state.s2, 1.0), 0.0)
+        ess = _ess(state)
         variance = jnp.maximum(1.0 / ess - 1.0 / k, 0.0)
         # One particle says nothing about the spread of the weights: unknown, not 0.
         stderr = jnp.sqrt(jnp.sum(variance)) if k > 1 else jnp.float32(jnp.nan)
@@ -481,7 +624,7 @@ class MarginalLikelihood:
         )
 
 
-def _raise_on_nan_data(nan_data: dict[str, jax.Array], plates: tuple[str, ...]) -> None:
+def _raise_on_nan_data(nan_data: dict[str, jax.Array], plates: dict[str, tuple[str, ...]]) -> None:
     """Raise a ValueError naming the observed sites whose data holds NaN (when the
     flags are concrete; under a JAX transformation the estimate is NaN there).
     """
@@ -491,8 +634,8 @@ def _raise_on_nan_data(nan_data: dict[str, jax.Array], plates: tuple[str, ...]) 
     if not bad:
         return
     where = "; ".join(
-        f"'{n}' at {len(idx)} element(s) of plate(s) {list(plates)}, first {idx[0].tolist()}"
-        if plates
+        f"'{n}' at {len(idx)} element(s) of plate(s) {list(plates[n])}, first {idx[0].tolist()}"
+        if plates.get(n)
         else f"'{n}'"
         for n, idx in sorted(bad.items())
     )
