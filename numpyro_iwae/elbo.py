@@ -75,11 +75,34 @@ class IWELBO(ELBO):
     \le \log p_\theta(x)` (Burda, Grosse & Salakhutdinov, 2016, *Importance
     Weighted Autoencoders*, ICLR). Dimensions of a site's ``log_prob`` outside
     those plates are summed before the ``logsumexp``; the subsampling factor
-    :math:`N/B` multiplies the bound outside it. Sample sites outside a plate
-    (global latents) make the weights joint over that plate: the bound stays
-    valid but is looser, and a :class:`~numpyro_iwae.weights.JointWeightsWarning`
-    is issued for large plates. Subsampling such a plate with ``K > 1`` is an
-    error (no unbiased estimate exists).
+    :math:`N/B` multiplies the bound outside it.
+
+    **Global and local latents.** For sample sites outside a data plate (global
+    latents :math:`\theta`) next to latents inside it, ``weighting`` chooses:
+
+    - ``"local"``: :math:`\theta \sim q(\theta)` is drawn once per step and shared by
+      every particle, and the particles of the plate's latents are weighted per
+      element (Geffner & Domke, 2022, *Variational Inference with Locally Enhanced
+      Bounds for Hierarchical Models*, ICML):
+
+      .. math::
+
+          \log p(\theta) - \log q(\theta) + \frac{N}{B} \sum_{n \in \text{batch}}
+          \Big[\operatorname{logsumexp}_k \log
+          \frac{p(x_n, z_{nk} \mid \theta)}{q(z_{nk} \mid x_n, \theta)} - \log K\Big].
+
+      A lower bound for every K, the ELBO at K = 1, exact for the exact posterior,
+      and unbiased under minibatching. Plates whose latents reach sites outside
+      them are made global (see :doc:`/local`). The global sites get the ELBO's
+      gradient (STL with ``"stl"`` and ``"dreg"``); discrete global sites the
+      score-function gradient.
+    - ``"joint"``: one weight per particle for the whole plate. Valid, tighter for a
+      few datapoints, but it falls towards the ELBO as the plate grows (a
+      :class:`~numpyro_iwae.JointWeightsWarning` for large plates) and subsampling
+      it with ``K > 1`` is an error (no unbiased estimate exists).
+    - ``"auto"`` (default): local if the plate is subsampled or has at least
+      :data:`~numpyro_iwae.weights.AUTO_LOCAL_SIZE` elements, joint otherwise; when
+      every latent is local to the independent plates the two are the same.
 
     Particles are drawn in parallel with :func:`jax.vmap` (or ``lax.map``); every
     particle sees the same minibatch.
@@ -107,6 +130,8 @@ class IWELBO(ELBO):
     :param vectorize_particles: ``True`` for :func:`jax.vmap`, ``False`` for
         :func:`jax.lax.map` (less memory, slower), or a callable
         ``f(fn, keys)`` as in :class:`numpyro.infer.elbo.ELBO`.
+    :param weighting: ``"auto"``, ``"local"`` or ``"joint"``: how particles are
+        weighted when some latents are global (above).
 
     **Mutable state** (:func:`numpyro.mutable`, e.g. batch-norm statistics) is
     returned by :meth:`loss_with_mutable_state` as the mean over particles of

@@ -51,7 +51,6 @@ from numpyro_iwae.plates import (
     is_latent,
     plate_structure,
     sample_sites,
-    site_log_density,
     site_log_prob,
     to_plates,
 )
@@ -657,29 +656,43 @@ def _path_log_density(
     carry a transform of an auxiliary sample recompute value and log-Jacobian
     from the substituted sample, i.e. along its path.
 
-    With ``stop_globals`` (DReG under local weighting) the global values are
-    substituted stopped as well: a local site's density is then that of
-    :math:`q(z \mid \mathrm{sg}(\theta))`, as the doubly reparameterized identity for
-    the local particles needs (theta is a parameter of their proposal), and each
-    global site's own density is evaluated at its live value. Without it (STL),
-    theta is a live value like any other: the path derivative of
-    :math:`\log q(\theta, z)`.
+    With ``stop_globals`` (DReG under local weighting) the local groups come from a
+    second pass with the global draws stopped as well: a local site's density is then
+    that of :math:`q(z \mid \mathrm{sg}(\theta))`, as the doubly reparameterized
+    identity for the local particles needs (theta is a parameter of their proposal),
+    while the global group keeps its live path. Without it (STL), theta is a live
+    value like any other: the path derivative of :math:`\log q(\theta, z)`.
     """
-    data = {n: s["value"] for n, s in tr.items() if s["type"] in ("sample", "plate")}
-    live = {n: data[n] for n in structure.global_sites} if stop_globals else {}
-    data.update(jax.tree.map(jax.lax.stop_gradient, live))
+    # Delta draws are not substituted but recomputed from their (substituted)
+    # auxiliary draw: Delta.log_prob(x) is log(x == v), and a v recomputed in another
+    # fusion context can differ from the first pass's x in the last bit, which would
+    # make log q = -inf (seen with AutoMultivariateNormal under local weighting).
+    data = {
+        n: s["value"]
+        for n, s in tr.items()
+        if s["type"] == "plate" or (s["type"] == "sample" and not _is_delta(s["fn"]))
+    }
     stopped = jax.tree.map(jax.lax.stop_gradient, dict(params))
 
-    def density(site: dict[str, Any], structure: PlateStructure) -> jax.Array:
-        site = {**site, "intermediates": [], "value": live.get(site["name"], site["value"])}
-        return site_log_density(site, structure)
+    def densities(values: dict[str, Any]) -> tuple[jax.Array, ...]:
+        rerun = program.trace_guide({**stopped, **values}, key)
+        sites = [
+            {**s, "intermediates": []}
+            for s in sample_sites(rerun).values()
+            if not s["is_observed"] and s["fn"].has_rsample
+        ]
+        return accumulate(sites, structure)
 
     try:
-        rerun = program.trace_guide({**stopped, **data}, key)
-        sites = [
-            s for s in sample_sites(rerun).values() if not s["is_observed"] and s["fn"].has_rsample
-        ]
-        return accumulate(sites, structure, density)
+        total = densities(data)
+        if stop_globals and structure.global_sites:
+            # The local groups again, with the global draws stopped (what each pass
+            # does not use, XLA drops).
+            shared = {
+                n: jax.lax.stop_gradient(data[n]) for n in structure.global_sites if n in data
+            }
+            total = (total[0], *densities({**data, **shared})[1:])
+        return total
     except NotImplementedError as err:
         raise NotImplementedError(
             "gradient_estimator 'stl'/'dreg' evaluates log q(z) at stopped parameters as a "

@@ -148,3 +148,37 @@ def test_vae_example_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         vae.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_hierarchical_example_smoke(tmp_path):
+    hier = load("hierarchical")
+    argv = ["--data", "synthetic", "--quick", "--steps", "200", "--ks", "4"]
+    argv += ["--estimators", "dreg", "--nuts-schools", "20", "--nuts-samples", "100"]
+    argv += ["--eval-particles", "8", "--eval-global", "8", "--predictive-draws", "20"]
+    result = hier.main(argv + ["--no-progress", "--out", str(tmp_path)])
+    assert (tmp_path / "hierarchical.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "hierarchical.json").read_text())
+    assert saved["source"].startswith("synthetic")
+    assert set(saved["fits"]) == {"Trace_ELBO", "IWELBO local K=4 dreg"}
+    for fit in result["fits"].values():
+        assert np.isfinite(fit["held_out_lpd"]) and np.isfinite(fit["log_p_train"]["log_p"])
+        # log p(y_train) is a stochastic lower bound; the held-out density is per student.
+        assert fit["held_out_lpd"] < 0
+    assert set(saved["nuts"]["summary"]) == set(hier.GLOBALS)
+
+
+def test_hierarchical_example_reads_chem97_into_padded_schools():
+    hier = load("hierarchical")
+    data = hier.load_chem97()
+    assert (data.num_schools, data.num_leas) == (2410, 131)
+    train, test = data.split(0.2, seed=0)
+    assert train["count"] + test["count"] == 31022
+    # Every student lands in exactly one padded slot of their school.
+    assert int(train["mask"].sum()) == train["count"] and int(test["mask"].sum()) == test["count"]
+    y = np.concatenate(
+        [
+            np.asarray(train["y"])[np.asarray(train["mask"])],
+            np.asarray(test["y"])[np.asarray(test["mask"])],
+        ]
+    )
+    np.testing.assert_allclose([y.mean(), y.std()], [0.0, 1.0], atol=1e-5)
