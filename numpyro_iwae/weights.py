@@ -664,9 +664,9 @@ def _path_log_density(
     value like any other: the path derivative of :math:`\log q(\theta, z)`.
     """
     # Delta draws are not substituted but recomputed from their (substituted)
-    # auxiliary draw: Delta.log_prob(x) is log(x == v), and a v recomputed in another
-    # fusion context can differ from the first pass's x in the last bit, which would
-    # make log q = -inf (seen with AutoMultivariateNormal under local weighting).
+    # auxiliary draw: Delta.log_prob(x) is log(x == v), so a v recomputed in another
+    # fusion context must not be compared with the first pass's x (were they to differ
+    # in the last bit, log q would be -inf).
     data = {
         n: s["value"]
         for n, s in tr.items()
