@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--steps-only", action="store_true", help="only the step times")
     args = parser.parse_args()
     steps = 300 if args.quick else 8000
-    rounds = 3 if args.quick else 15
+    rounds = 3 if args.quick else 21
     load = os.getloadavg()[0]
     print(f"load average before: {load:.2f}", flush=True)
     results = {
@@ -203,7 +203,7 @@ def main() -> None:
             jnp.asarray(np.random.default_rng(0).normal(size=1000), jnp.float32),
             (8, 32),
             rounds,
-            50,
+            500,
         )
         + step_times(
             "grouped 100x100",
@@ -211,7 +211,7 @@ def main() -> None:
             jnp.asarray(np.random.default_rng(0).normal(size=(100, 100)), jnp.float32),
             (8, 32),
             rounds,
-            10,
+            100,
         ),
         "load_after": os.getloadavg()[0],
     }
