@@ -233,16 +233,39 @@ class IWELBO(ELBO):
         :param kwargs: keyword arguments of model and guide.
         :return: ``{"loss": scalar, "mutable_state": dict or None}``.
         """
+        log_w, log_q_score, structure, output = self._log_weights(
+            rng_key, param_map, Program(model, guide, args, kwargs)
+        )
+        if structure.weighting == "local":
+            per_element = _local_objective(log_w, log_q_score, structure, self._element_bound)
+        else:
+            score = bool(structure.nonreparam_sites)
+            per_element = self._element_bound(log_w[0], log_q_score[0], score)
+        bound = structure.scale * jnp.sum(per_element)
+        return {"loss": -bound, "mutable_state": _average_particles(output.mutable_state or None)}
+
+    #: How many independent sets of ``num_particles`` particles are drawn (MIWAE's M).
+    _replicates = 1
+
+    def _log_weights(
+        self, rng_key: jax.Array, param_map: dict[str, jax.Array], program: Program
+    ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], PlateStructure, Any]:
+        """Draw ``replicates x num_particles`` particles and return their log weights
+        per group (with the surrogate of the chosen gradient estimator), the log
+        density of the discrete guide sites, the plate structure and the model's
+        output.
+        """
         draw, model_fn, structure = draw_particles(
-            Program(model, guide, args, kwargs),
+            program,
             param_map,
             rng_key,
-            self.num_particles,
+            self._replicates * self.num_particles,
             self.vectorize_particles_fn,
             path=None if self.gradient_estimator == "reparam" else self.gradient_estimator,
             weighting=self.weighting,
         )
         check_subsampling(structure, self.num_particles)
+        self._check_structure(structure)
         if self.gradient_estimator != "reparam" and structure.guide_factor_sites:
             raise ValueError(
                 f"gradient_estimator={self.gradient_estimator!r} needs log q to be the "
@@ -262,6 +285,7 @@ class IWELBO(ELBO):
                 draw.log_q_score,
                 structure.value_axes,
                 structure.value_groups,
+                replicates=self._replicates,
             )
         else:
             log_p, output = model_fn(draw.values, model_params)
@@ -269,18 +293,24 @@ class IWELBO(ELBO):
             log_w = tuple(p - q - s for p, q, s in zip(log_p, log_q_rep, draw.log_q_score))
         nan_data = any_nan_data(output, structure)
         log_w = tuple(mark_nan_data(nan_to_neginf(w), n) for w, n in zip(log_w, nan_data))
-        if structure.weighting == "local":
-            per_element = _local_objective(log_w, draw.log_q_score, structure)
-        else:
-            per_element = iwae_bound(log_w[0])
-            if structure.nonreparam_sites:
-                per_element = with_score_terms(per_element, log_w[0], draw.log_q_score[0])
-        bound = structure.scale * jnp.sum(per_element)
-        return {"loss": -bound, "mutable_state": _average_particles(output.mutable_state or None)}
+        return log_w, draw.log_q_score, structure, output
+
+    def _check_structure(self, structure: PlateStructure) -> None:
+        """Raise for a model/guide the objective does not support (none for IWELBO)."""
+
+    def _element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+        """The objective per plate element from ``(K, *plates)`` log weights, with the
+        score-function terms of the discrete sites when ``score``.
+        """
+        bound = iwae_bound(log_w)
+        return with_score_terms(bound, log_w, log_q_score) if score else bound
 
 
 def _local_objective(
-    log_w: tuple[jax.Array, ...], log_q_score: tuple[jax.Array, ...], structure: PlateStructure
+    log_w: tuple[jax.Array, ...],
+    log_q_score: tuple[jax.Array, ...],
+    structure: PlateStructure,
+    element_bound: Callable[[jax.Array, jax.Array, bool], jax.Array],
 ) -> jax.Array:
     r"""The locally weighted bound per element of the independent plates, with the
     score-function terms of the discrete sites.
@@ -288,14 +318,14 @@ def _local_objective(
     Group 0 (the global sites, shared by every particle, so its rows agree) gives
     :math:`\log p(\theta) - \log q(\theta)`; each local plate adds
     :math:`\frac{N}{B}\sum_n \hat{\mathcal L}_{K,n}` with VIMCO terms for its discrete
-    sites. Discrete global sites get the score-function term of the whole objective
-    (the ELBO's estimator for them: it has no baseline).
+    sites (each plate's objective is ``element_bound``). Discrete global sites get
+    the score-function term of the whole objective (the ELBO's estimator for them: it
+    has no baseline).
     """
     total = log_w[0][0]
     for group in range(1, structure.num_groups):
-        per_element = iwae_bound(log_w[group])
-        if structure.group_sites(group, structure.nonreparam_sites):
-            per_element = with_score_terms(per_element, log_w[group], log_q_score[group])
+        score = bool(structure.group_sites(group, structure.nonreparam_sites))
+        per_element = element_bound(log_w[group], log_q_score[group], score)
         total = total + structure.local_scale(group) * jnp.sum(per_element, axis=-1)
     if structure.group_sites(0, structure.nonreparam_sites):
         log_q = log_q_score[0][0]

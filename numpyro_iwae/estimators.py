@@ -16,12 +16,16 @@ from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 import jax.numpy as jnp
 
 __all__ = [
+    "ciwae_bound",
     "dreg_log_weights",
     "hoist_closure",
     "iwae_bound",
+    "miwae_bound",
     "nan_to_neginf",
     "normalized_weights",
     "plate_layout",
+    "renyi_bound",
+    "renyi_learning_signal",
     "vimco_learning_signal",
     "with_score_terms",
 ]
@@ -169,6 +173,7 @@ def dreg_log_weights(
     log_q_score: Any,
     value_axes: tuple[tuple[str, int, tuple[int, ...]], ...],
     value_groups: tuple[tuple[str, int], ...] = (),
+    replicates: int = 1,
 ) -> tuple[Any, Any]:
     r"""Log weights whose gradient gives the doubly reparameterized estimator.
 
@@ -207,6 +212,9 @@ def dreg_log_weights(
         value_axes: ``(name, ndim, plate axes)`` per value, as in
             :attr:`numpyro_iwae.plates.PlateStructure.value_axes`.
         value_groups: ``(name, group)`` per value.
+        replicates: M, when the particle axis holds M independent sets of K
+            particles one after another (MIWAE): the weights are normalized within
+            each set.
 
     """
     single = not isinstance(log_q_path, tuple)
@@ -228,7 +236,7 @@ def dreg_log_weights(
 
     def fwd(values, params, log_q_path, log_q_score, *consts):
         out, vjp = jax.vjp(log_w_of, values, params, log_q_path, log_q_score, *consts)
-        w = {g: normalized_weights(nan_to_neginf(out[0][g])) for g in weighted}
+        w = {g: _replicate_weights(nan_to_neginf(out[0][g]), replicates) for g in weighted}
         return out, (vjp, w)
 
     def bwd(res, cotangent):
@@ -251,6 +259,16 @@ def dreg_log_weights(
     log_w_fn.defvjp(fwd, bwd)
     log_w, aux = log_w_fn(values, params, log_q_path, log_q_score, *consts)
     return (log_w[0] if single else log_w), aux
+
+
+def _replicate_weights(log_w: jax.Array, replicates: int) -> jax.Array:
+    """:func:`normalized_weights` within each of ``replicates`` consecutive sets of
+    particles.
+    """
+    if replicates == 1:
+        return normalized_weights(log_w)
+    sets = log_w.reshape((replicates, -1) + log_w.shape[1:])
+    return jax.vmap(normalized_weights)(sets).reshape(log_w.shape)
 
 
 def vimco_learning_signal(log_w: jax.Array) -> jax.Array:
@@ -296,18 +314,117 @@ def vimco_learning_signal(log_w: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(signal), signal, 0.0)
 
 
-def with_score_terms(bound: jax.Array, log_w: jax.Array, log_q_score: jax.Array) -> jax.Array:
-    r"""Add VIMCO's score-function terms to a per-element bound without changing
-    its value: ``bound + sum_k sg(l_k) (log q_k - sg(log q_k))`` with the learning
-    signals :math:`\ell` of :func:`vimco_learning_signal` computed from ``log_w``.
+def with_score_terms(
+    bound: jax.Array,
+    log_w: jax.Array,
+    log_q_score: jax.Array,
+    signal: jax.Array | None = None,
+) -> jax.Array:
+    r"""Add score-function terms to a per-element bound without changing its value:
+    ``bound + sum_k sg(l_k) (log q_k - sg(log q_k))``, by default with VIMCO's
+    learning signals :math:`\ell` of :func:`vimco_learning_signal` computed from
+    ``log_w``.
 
     Args:
         bound: ``plate_shape``, the bound whose gradient holds the pathwise part.
         log_w: ``(K, *plate_shape)``.
         log_q_score: ``(K, *plate_shape)``, the log density of the guide sites
             without a reparameterized sampler, live parameters.
+        signal: ``(K, *plate_shape)`` learning signals to use instead of VIMCO's.
 
     """
-    signal = jax.lax.stop_gradient(vimco_learning_signal(log_w))
+    if signal is None:
+        signal = vimco_learning_signal(log_w)
+    signal = jax.lax.stop_gradient(signal)
     centred = log_q_score - jax.lax.stop_gradient(log_q_score)
     return bound + jnp.sum(signal * centred, axis=0)
+
+
+def miwae_bound(log_w: jax.Array, num_replicates: int) -> jax.Array:
+    r"""The multiply importance-weighted bound, one value per plate element:
+
+    .. math::
+
+        \mathrm{MIWAE}(M, K) = \frac1M \sum_{m=1}^M \log \frac1K \sum_{k=1}^K w_{m,k},
+
+    the mean of M independent :func:`iwae_bound` estimates of K particles each
+    (Rainforth et al., 2018, *Tighter Variational Bounds are Not Necessarily
+    Better*, ICML). Replicate m is rows ``m K .. (m + 1) K - 1`` of ``log_w``.
+
+    Args:
+        log_w: ``(M K, *plate_shape)``.
+        num_replicates: M.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro_iwae.estimators import miwae_bound
+        >>> log_w = jnp.log(jnp.array([1.0, 3.0, 2.0, 2.0, 5.0, 1.0]))
+        >>> float(miwae_bound(log_w, 2))  # sets (1, 3, 2), (2, 5, 1): (log 2 + log 8/3) / 2
+        0.836...
+
+    """
+    sets = log_w.reshape((num_replicates, -1) + log_w.shape[1:])
+    return jnp.mean(jax.vmap(iwae_bound)(sets), axis=0)
+
+
+def ciwae_bound(log_w: jax.Array, beta: float) -> jax.Array:
+    r"""The combination :math:`\beta\, \mathrm{ELBO} + (1 - \beta)\, \mathrm{IWAE}_K` on the
+    same K particles, one value per plate element (Rainforth et al., 2018):
+
+    .. math::
+
+        \beta \frac1K \sum_k \log w_k + (1 - \beta) \log \frac1K \sum_k w_k.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro_iwae.estimators import ciwae_bound
+        >>> float(ciwae_bound(jnp.log(jnp.array([1.0, 4.0])), 0.5))  # (log 2 + log 2.5) / 2
+        0.804...
+
+    """
+    return beta * jnp.mean(log_w, axis=0) + (1.0 - beta) * iwae_bound(log_w)
+
+
+def renyi_bound(log_w: jax.Array, alpha: float) -> jax.Array:
+    r"""The variational Renyi bound, one value per plate element:
+
+    .. math::
+
+        \mathcal L_\alpha = \frac{1}{1 - \alpha} \log \frac1K \sum_{k=1}^K
+            w_k^{1 - \alpha}
+
+    (Li & Turner, 2016, *Renyi Divergence Variational Inference*, NeurIPS). At
+    :math:`\alpha = 0` it is :func:`iwae_bound`; as :math:`\alpha \to 1` it tends to the
+    ELBO :math:`\frac1K \sum_k \log w_k`, which is what ``alpha = 1`` computes. In
+    expectation it decreases in :math:`\alpha`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro_iwae.estimators import renyi_bound
+        >>> log_w = jnp.log(jnp.array([1.0, 4.0]))
+        >>> [round(float(renyi_bound(log_w, a)), 3) for a in (0.0, 0.5, 1.0)]
+        [0.916, 0.811, 0.693]
+
+    """
+    if alpha == 1:
+        return jnp.mean(log_w, axis=0)
+    return iwae_bound((1.0 - alpha) * log_w) / (1.0 - alpha)
+
+
+def renyi_learning_signal(log_w: jax.Array, alpha: float) -> jax.Array:
+    r"""Score-function learning signals for :func:`renyi_bound`, with leave-one-out
+    baselines: VIMCO's (:func:`vimco_learning_signal`) on the tempered log weights
+    :math:`(1 - \alpha) \log w`, divided by :math:`1 - \alpha`. At ``alpha = 1`` (the
+    ELBO, linear in the log weights) particle j's signal is
+    :math:`(\log w_j - \frac{1}{K-1}\sum_{i \ne j} \log w_i) / K` (``log w / 1`` for
+    K = 1).
+    """
+    k = log_w.shape[0]
+    if alpha == 1:
+        if k == 1:
+            signal = log_w
+        else:
+            baseline = (jnp.sum(log_w, axis=0) - log_w) / (k - 1)
+            signal = (log_w - baseline) / k
+        return jnp.where(jnp.isfinite(signal), signal, 0.0)
+    return vimco_learning_signal((1.0 - alpha) * log_w) / (1.0 - alpha)

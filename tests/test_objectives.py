@@ -1,0 +1,167 @@
+"""MIWAE, CIWAE and RenyiELBO: exact identities at a shared key, orderings in
+expectation, and gradients against exact enumeration.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer import RenyiELBO as NumPyroRenyiELBO
+import pytest
+
+from numpyro_iwae import CIWAE, IWELBO, MIWAE, RenyiELBO
+from numpyro_iwae.estimators import iwae_bound, renyi_bound
+from numpyro_iwae.weights import Program, log_weights
+
+X = jnp.array([0.3, -1.2, 2.0, 0.7])
+
+
+def model(x):
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def guide(x):
+    loc, scale = numpyro.param("loc", 0.3 * x), numpyro.param("scale", 0.9 * jnp.ones(4))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("z", dist.Normal(loc, scale))
+
+
+EXACT = {"loc": X / 2, "scale": jnp.full(4, 0.5**0.5)}  # z | x ~ N(x / 2, 1 / 2)
+POOR = {"loc": 0.3 * X, "scale": jnp.full(4, 0.9)}
+LOG_PX = float(jnp.sum(dist.Normal(0.0, 2**0.5).log_prob(X)))
+
+
+def shared_log_w(params, num, key):
+    vmap = lambda fn, xs: jax.vmap(fn)(xs)  # noqa: E731
+    weights, _ = log_weights(Program(model, guide, (X,)), params, key, num, vmap)
+    return weights.log_w
+
+
+def test_miwae_with_m_not_k_against_the_same_particles():
+    m, k, key = 5, 3, jax.random.key(0)
+    params = {"loc": jnp.zeros(4), "scale": jnp.full(4, 0.4)}  # weights far from equal
+    loss = MIWAE(num_particles=k, num_replicates=m).loss(key, params, model, guide, X)
+    log_w = shared_log_w(params, m * k, key)  # the same key draws the same M K particles
+    want = jnp.mean(jnp.stack([iwae_bound(log_w[i * k : (i + 1) * k]) for i in range(m)]), 0)
+    np.testing.assert_allclose(-float(loss), float(jnp.sum(want)), rtol=1e-6)
+    # The test has power: the axis-swapped bound (K sets of M) differs by far more than
+    # the tolerance above.
+    swapped = jnp.mean(jnp.stack([iwae_bound(log_w[i * m : (i + 1) * m]) for i in range(k)]), 0)
+    assert abs(float(jnp.sum(swapped)) - float(jnp.sum(want))) > 1e-3 * abs(float(jnp.sum(want)))
+
+
+def test_ciwae_is_linear_in_beta_on_the_same_particles():
+    k, key = 6, jax.random.key(1)
+    log_w = shared_log_w(POOR, k, key)
+    elbo, iwae = float(jnp.sum(jnp.mean(log_w, 0))), float(jnp.sum(iwae_bound(log_w)))
+    for beta in (0.0, 0.3, 1.0):
+        loss = CIWAE(num_particles=k, beta=beta).loss(key, POOR, model, guide, X)
+        np.testing.assert_allclose(-float(loss), beta * elbo + (1 - beta) * iwae, rtol=1e-6)
+
+
+def test_renyi_alpha_zero_is_iwelbo_and_alpha_one_the_elbo():
+    k, key = 6, jax.random.key(2)
+    iwelbo = IWELBO(k).loss(key, POOR, model, guide, X)
+    renyi0 = RenyiELBO(alpha=0.0, num_particles=k).loss(key, POOR, model, guide, X)
+    np.testing.assert_allclose(float(renyi0), float(iwelbo), rtol=1e-6)
+    renyi1 = RenyiELBO(alpha=1.0, num_particles=k).loss(key, POOR, model, guide, X)
+    elbo = jnp.sum(jnp.mean(shared_log_w(POOR, k, key), 0))
+    np.testing.assert_allclose(-float(renyi1), float(elbo), rtol=1e-6)
+
+
+def mean_se(objective, params, num=2000, seed=0, model=model, guide=guide):
+    keys = jax.random.split(jax.random.key(seed), num)
+    values = -np.asarray(
+        jax.jit(jax.vmap(lambda k: objective.loss(k, params, model, guide, X)))(keys), np.float64
+    )
+    return values.mean(), values.std(ddof=1) / math.sqrt(num)
+
+
+def test_renyi_bound_decreases_in_alpha_and_is_exact_at_the_posterior():
+    means = [mean_se(RenyiELBO(alpha=a, num_particles=8), POOR) for a in (0.0, 0.5, 1.0)]
+    for (upper, se_u), (lower, se_l) in zip(means, means[1:]):
+        assert upper - lower > 3 * math.hypot(se_u, se_l)
+    assert LOG_PX - means[0][0] > 3 * means[0][1]
+    for alpha in (0.0, 0.5, 1.0):
+        loss = RenyiELBO(alpha=alpha, num_particles=8).loss(
+            jax.random.key(3), EXACT, model, guide, X
+        )
+        np.testing.assert_allclose(-float(loss), LOG_PX, atol=1e-4)
+
+
+def test_renyi_agrees_with_numpyros_class_where_it_applies():
+    ours, se_ours = mean_se(RenyiELBO(alpha=0.5, num_particles=4), POOR)
+    theirs, se_theirs = mean_se(NumPyroRenyiELBO(alpha=0.5, num_particles=4), POOR, seed=1)
+    assert abs(ours - theirs) < 3 * math.hypot(se_ours, se_theirs)
+
+
+def test_miwae_dreg_is_unbiased_for_its_reparam_gradient():
+    def grads(objective, seed):
+        keys = jax.random.split(jax.random.key(seed), 3000)
+        fn = jax.vmap(jax.grad(lambda p, k: objective.loss(k, p, model, guide, X)), (None, 0))
+        return jax.jit(fn)(POOR, keys)
+
+    rep = grads(MIWAE(4, 3), 0)
+    dreg = grads(MIWAE(4, 3, gradient_estimator="dreg"), 1)
+    for name in POOR:
+        a, b = np.asarray(rep[name], np.float64), np.asarray(dreg[name], np.float64)
+        se = np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
+        assert np.all(np.abs(a.mean(0) - b.mean(0)) < 3.5 * se), name
+        assert np.all(b.std(0) < a.std(0)), name  # and with less variance
+
+
+def discrete_model():
+    z = numpyro.sample("z", dist.Bernoulli(0.3))
+    numpyro.sample("x", dist.Normal(2.0 * z, 1.0), obs=1.5)
+
+
+def discrete_guide():
+    numpyro.sample("z", dist.Bernoulli(logits=numpyro.param("phi", 0.4)))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_renyi_gradient_of_a_discrete_site_against_exact_enumeration(alpha):
+    k = 2
+
+    def log_w(z, phi):
+        log_p = dist.Bernoulli(0.3).log_prob(z) + dist.Normal(2.0 * z, 1.0).log_prob(1.5)
+        return log_p - dist.Bernoulli(logits=phi).log_prob(z)
+
+    def expected_bound(phi):
+        total = 0.0
+        for zs in itertools.product((0.0, 1.0), repeat=k):
+            zs = jnp.array(zs)
+            prob = jnp.prod(jnp.exp(dist.Bernoulli(logits=phi).log_prob(zs)))
+            total = total + prob * renyi_bound(log_w(zs, phi), alpha)
+        return total
+
+    want = float(jax.grad(expected_bound)(0.4))
+    objective = RenyiELBO(alpha=alpha, num_particles=k)
+    keys = jax.random.split(jax.random.key(0), 8000)
+    grad = jax.vmap(
+        jax.grad(lambda p, key: -objective.loss(key, p, discrete_model, discrete_guide)),
+        (None, 0),
+    )
+    got = np.asarray(jax.jit(grad)({"phi": jnp.asarray(0.4)}, keys)["phi"], np.float64)
+    assert abs(got.mean() - want) < 3 * got.std(ddof=1) / math.sqrt(got.size), (got.mean(), want)
+
+
+def test_undefined_combinations_are_errors():
+    with pytest.raises(ValueError, match="CIWAE takes gradient_estimator"):
+        CIWAE(4, 0.5, gradient_estimator="dreg")
+    with pytest.raises(ValueError, match="RenyiELBO takes gradient_estimator"):
+        RenyiELBO(0.5, 4, gradient_estimator="dreg")
+    with pytest.raises(ValueError, match="beta"):
+        CIWAE(4, beta=1.5)
+    with pytest.raises(ValueError, match="CIWAE has no score-function estimator"):
+        CIWAE(2).loss(jax.random.key(0), {"phi": 0.4}, discrete_model, discrete_guide)
+    with pytest.raises(ValueError, match="num_replicates"):
+        MIWAE(4, 0)
