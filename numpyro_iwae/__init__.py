@@ -3,7 +3,7 @@
 Public names:
 
 - :class:`IWELBO`: the importance-weighted bound as a NumPyro ``ELBO`` objective.
-- :class:`MIWAE`, :class:`CIWAE`, :class:`RenyiELBO`: the rest of the family.
+- :class:`MIWAE`, :class:`CIWAE`, :class:`PIWAE`, :class:`RenyiELBO`: the rest of the family.
 - :class:`MarginalLikelihood`: ``log p(x)`` with many particles in bounded memory, with a
   standard error, the effective sample size and the PSIS k-hat (:class:`LogMarginalEstimate`).
 - :class:`JointWeightsWarning`: issued when the weights are joint over a large plate.
@@ -11,7 +11,7 @@ Public names:
 
 from numpyro_iwae.elbo import IWELBO
 from numpyro_iwae.evidence import LogMarginalEstimate, MarginalLikelihood
-from numpyro_iwae.objectives import CIWAE, MIWAE, RenyiELBO
+from numpyro_iwae.objectives import CIWAE, MIWAE, PIWAE, RenyiELBO
 from numpyro_iwae.weights import JointWeightsWarning
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "LogMarginalEstimate",
     "MarginalLikelihood",
     "MIWAE",
+    "PIWAE",
     "RenyiELBO",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from numpyro_iwae.estimators import (
 )
 from numpyro_iwae.plates import WEIGHTINGS, PlateStructure
 from numpyro_iwae.weights import (
+    GuideDraw,
     Program,
     any_nan_data,
     check_subsampling,
@@ -42,7 +43,7 @@ def check_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _average_particles(state: dict[str, Any] | None) -> dict[str, Any] | None:
+def average_particles(state: dict[str, Any] | None) -> dict[str, Any] | None:
     """Mutable state of K particles -> one state: the mean of floating arrays
     over the particle axis, the first particle's value for anything else.
     """
@@ -237,12 +238,12 @@ class IWELBO(ELBO):
             rng_key, param_map, Program(model, guide, args, kwargs)
         )
         if structure.weighting == "local":
-            per_element = _local_objective(log_w, log_q_score, structure, self._element_bound)
+            per_element = local_objective(log_w, log_q_score, structure, self._element_bound)
         else:
             score = bool(structure.nonreparam_sites)
             per_element = self._element_bound(log_w[0], log_q_score[0], score)
         bound = structure.scale * jnp.sum(per_element)
-        return {"loss": -bound, "mutable_state": _average_particles(output.mutable_state or None)}
+        return {"loss": -bound, "mutable_state": average_particles(output.mutable_state or None)}
 
     #: How many independent sets of ``num_particles`` particles are drawn (MIWAE's M).
     _replicates = 1
@@ -255,27 +256,7 @@ class IWELBO(ELBO):
         density of the discrete guide sites, the plate structure and the model's
         output.
         """
-        draw, model_fn, structure = draw_particles(
-            program,
-            param_map,
-            rng_key,
-            self._replicates * self.num_particles,
-            self.vectorize_particles_fn,
-            path=None if self.gradient_estimator == "reparam" else self.gradient_estimator,
-            weighting=self.weighting,
-        )
-        check_subsampling(structure, self.num_particles)
-        self._check_structure(structure)
-        if self.gradient_estimator != "reparam" and structure.guide_factor_sites:
-            raise ValueError(
-                f"gradient_estimator={self.gradient_estimator!r} needs log q to be the "
-                "density the guide samples from, but the guide also has observed or "
-                f"factor site(s) {list(structure.guide_factor_sites)}. Use "
-                "gradient_estimator='reparam', which includes them as Trace_ELBO does."
-            )
-        # Global values (local weighting) enter the model as parameters do: shared
-        # by every particle, with the plain gradient.
-        model_params = {**param_map, **draw.global_values}
+        draw, model_fn, structure, model_params = self._draw(rng_key, param_map, program)
         if self.gradient_estimator == "dreg":
             log_w, output = dreg_log_weights(
                 model_fn,
@@ -295,6 +276,34 @@ class IWELBO(ELBO):
         log_w = tuple(mark_nan_data(nan_to_neginf(w), n) for w, n in zip(log_w, nan_data))
         return log_w, draw.log_q_score, structure, output
 
+    def _draw(
+        self, rng_key: jax.Array, param_map: dict[str, jax.Array], program: Program
+    ) -> tuple[GuideDraw, Callable, PlateStructure, dict[str, Any]]:
+        """Draw the particles and check what the objective needs; return the draw, the
+        model's log density as a function of (values, params), the plate structure and
+        the parameters to call it with (global values, under local weighting, enter
+        the model as parameters do: shared by every particle, with the plain gradient).
+        """
+        draw, model_fn, structure = draw_particles(
+            program,
+            param_map,
+            rng_key,
+            self._replicates * self.num_particles,
+            self.vectorize_particles_fn,
+            path=None if self.gradient_estimator == "reparam" else self.gradient_estimator,
+            weighting=self.weighting,
+        )
+        check_subsampling(structure, self.num_particles)
+        self._check_structure(structure)
+        if self.gradient_estimator != "reparam" and structure.guide_factor_sites:
+            raise ValueError(
+                f"gradient_estimator={self.gradient_estimator!r} needs log q to be the "
+                "density the guide samples from, but the guide also has observed or "
+                f"factor site(s) {list(structure.guide_factor_sites)}. Use "
+                "gradient_estimator='reparam', which includes them as Trace_ELBO does."
+            )
+        return draw, model_fn, structure, {**param_map, **draw.global_values}
+
     def _check_structure(self, structure: PlateStructure) -> None:
         """Raise for a model/guide the objective does not support (none for IWELBO)."""
 
@@ -306,7 +315,7 @@ class IWELBO(ELBO):
         return with_score_terms(bound, log_w, log_q_score) if score else bound
 
 
-def _local_objective(
+def local_objective(
     log_w: tuple[jax.Array, ...],
     log_q_score: tuple[jax.Array, ...],
     structure: PlateStructure,

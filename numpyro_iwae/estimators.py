@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "ciwae_bound",
@@ -26,6 +27,7 @@ __all__ = [
     "plate_layout",
     "renyi_bound",
     "renyi_learning_signal",
+    "split_gradient_paths",
     "vimco_learning_signal",
     "with_score_terms",
 ]
@@ -428,3 +430,50 @@ def renyi_learning_signal(log_w: jax.Array, alpha: float) -> jax.Array:
             signal = (log_w - baseline) / k
         return jnp.where(jnp.isfinite(signal), signal, 0.0)
     return vimco_learning_signal((1.0 - alpha) * log_w) / (1.0 - alpha)
+
+
+def split_gradient_paths(
+    log_p_fn: Callable[[dict[str, jax.Array], dict[str, Any]], tuple[Any, Any]],
+    values: dict[str, jax.Array],
+    params: dict[str, Any],
+    theta_names: tuple[str, ...],
+) -> tuple[tuple[Any, Any], Any]:
+    """Evaluate ``log_p_fn(values, params)`` once and return ``((log_p, aux),
+    log_p_theta)``: two copies of ``log_p`` whose gradients take different paths.
+    The cotangent of ``log_p`` reaches ``values`` and the parameters *not* named in
+    ``theta_names``; that of ``log_p_theta`` reaches only the parameters named in
+    ``theta_names``. So an objective can give the model's parameters the gradient of
+    one bound and the guide's (through the sampled values) the gradient of another,
+    from one forward pass (two backward passes), as PIWAE does (Rainforth et al.,
+    2018).
+    """
+    converted, consts = hoist_closure(log_p_fn, values, params)
+    names = set(theta_names)
+
+    def zero_cotangent(x: Any) -> Any:
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(jnp.shape(x), jax.dtypes.float0)
+
+    @jax.custom_vjp
+    def fn(values, params, *consts):
+        out = converted(values, params, *consts)
+        return out, out[0]
+
+    def fwd(values, params, *consts):
+        out, vjp = jax.vjp(converted, values, params, *consts)
+        return (out, out[0]), (vjp, jax.tree.map(zero_cotangent, out[1]))
+
+    def bwd(res, cotangent):
+        vjp, zero_aux = res
+        (g_log_p, g_aux), g_theta = cotangent
+        g_values, g_params, *g_consts = vjp((g_log_p, g_aux))
+        _, t_params, *t_consts = vjp((g_theta, zero_aux))
+        params_ct = {k: (t_params[k] if k in names else g) for k, g in g_params.items()}
+        consts_ct = [
+            g if g.dtype == jax.dtypes.float0 else g + t for g, t in zip(g_consts, t_consts)
+        ]
+        return (g_values, params_ct, *consts_ct)
+
+    fn.defvjp(fwd, bwd)
+    return fn(values, params, *consts)

@@ -12,20 +12,25 @@ from __future__ import annotations
 from collections.abc import Callable
 import math
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from numpyro_iwae.elbo import IWELBO, check_positive_int
+from numpyro_iwae.elbo import IWELBO, average_particles, check_positive_int, local_objective
 from numpyro_iwae.estimators import (
     ciwae_bound,
+    iwae_bound,
+    nan_to_neginf,
     renyi_bound,
     renyi_learning_signal,
+    split_gradient_paths,
     with_score_terms,
 )
 from numpyro_iwae.plates import PlateStructure
+from numpyro_iwae.weights import Program, any_nan_data, mark_nan_data
 
-__all__ = ["CIWAE", "MIWAE", "RenyiELBO"]
+__all__ = ["CIWAE", "MIWAE", "PIWAE", "RenyiELBO"]
 
 
 def _check_real(
@@ -247,3 +252,105 @@ class RenyiELBO(IWELBO):
         return with_score_terms(
             bound, log_w, log_q_score, signal=renyi_learning_signal(log_w, self.alpha)
         )
+
+
+class PIWAE(MIWAE):
+    r"""The partially importance-weighted objective (Rainforth et al., 2018): from one
+    set of M K particles, the model's parameters :math:`\theta` ascend
+    :math:`\mathrm{IWAE}_{MK}` and the guide's parameters :math:`\phi` ascend
+    :math:`\mathrm{MIWAE}(M, K)`:
+
+    .. math::
+
+        \nabla_\theta \log \frac{1}{MK} \sum_{m,k} w_{m,k}, \qquad
+        \nabla_\phi \frac1M \sum_m \log \frac1K \sum_k w_{m,k}.
+
+    The model is evaluated once; the two gradients take separate backward passes
+    (:func:`~numpyro_iwae.estimators.split_gradient_paths`). :meth:`loss` returns
+    :math:`-\mathrm{IWAE}_{MK}`, the bound the model is trained on. Model parameters
+    are the ``param``/``module`` sites of the model; a parameter used by model and
+    guide gets the IWAE gradient for its use in the model and the MIWAE gradient for
+    its use in the guide. Gradient estimators for :math:`\phi`: ``"reparam"`` and
+    ``"stl"``; discrete guide sites get MIWAE's VIMCO terms.
+
+    :param num_particles: K, the particles of each of the guide's replicates.
+    :param num_replicates: M.
+    :param gradient_estimator: ``"reparam"`` or ``"stl"``.
+    :param vectorize_particles: as for :class:`~numpyro_iwae.IWELBO`.
+    :param weighting: as for :class:`~numpyro_iwae.IWELBO`.
+
+    Example:
+        >>> from numpyro_iwae import PIWAE
+        >>> PIWAE(num_particles=8, num_replicates=8)
+        PIWAE(num_particles=8, num_replicates=8, gradient_estimator='reparam', weighting='auto')
+
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 8,
+        num_replicates: int = 1,
+        *,
+        gradient_estimator: str = "reparam",
+        vectorize_particles: bool | Callable = True,
+        weighting: str = "auto",
+    ) -> None:
+        if gradient_estimator == "dreg":
+            raise ValueError(
+                "PIWAE takes gradient_estimator 'reparam' or 'stl' (DReG for its MIWAE "
+                "part is not implemented yet); MIWAE(gradient_estimator='dreg') has it."
+            )
+        super().__init__(
+            num_particles,
+            num_replicates,
+            gradient_estimator=gradient_estimator,
+            vectorize_particles=vectorize_particles,
+            weighting=weighting,
+        )
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("MIWAE(", "PIWAE(", 1)
+
+    def loss_with_mutable_state(
+        self,
+        rng_key: jax.Array,
+        param_map: dict[str, jax.Array],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        r"""Negative :math:`\mathrm{IWAE}_{MK}` and the updated mutable state; the
+        gradient is PIWAE's (see the class).
+        """
+        program = Program(model, guide, args, kwargs)
+        draw, model_fn, structure, model_params = self._draw(rng_key, param_map, program)
+        (log_p, output), log_p_theta = split_gradient_paths(
+            model_fn, draw.values, model_params, structure.model_param_sites
+        )
+        log_q_rep = draw.log_q_rep_path if self.gradient_estimator == "stl" else draw.log_q_rep
+        nan_data = any_nan_data(output, structure)
+        sg = jax.lax.stop_gradient
+
+        def clean(log_w: tuple) -> tuple:
+            return tuple(mark_nan_data(nan_to_neginf(w), n) for w, n in zip(log_w, nan_data))
+
+        # phi's log weights: values and guide densities live; theta's: only log p.
+        log_w_phi = clean(tuple(p - q - s for p, q, s in zip(log_p, log_q_rep, draw.log_q_score)))
+        log_w_theta = clean(
+            tuple(p - sg(q) - sg(s) for p, q, s in zip(log_p_theta, log_q_rep, draw.log_q_score))
+        )
+        score_q = tuple(sg(s) for s in draw.log_q_score)
+
+        def iwae_all(log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+            return iwae_bound(log_w)
+
+        if structure.weighting == "local":
+            theta = local_objective(log_w_theta, score_q, structure, iwae_all)
+            phi = local_objective(log_w_phi, draw.log_q_score, structure, self._element_bound)
+        else:
+            theta = iwae_bound(log_w_theta[0])
+            score = bool(structure.nonreparam_sites)
+            phi = self._element_bound(log_w_phi[0], draw.log_q_score[0], score)
+        bound = structure.scale * jnp.sum(theta + phi - sg(phi))
+        return {"loss": -bound, "mutable_state": average_particles(output.mutable_state or None)}

@@ -15,7 +15,7 @@ import numpyro.distributions as dist
 from numpyro.infer import RenyiELBO as NumPyroRenyiELBO
 import pytest
 
-from numpyro_iwae import CIWAE, IWELBO, MIWAE, RenyiELBO
+from numpyro_iwae import CIWAE, IWELBO, MIWAE, PIWAE, RenyiELBO
 from numpyro_iwae.estimators import iwae_bound, renyi_bound
 from numpyro_iwae.weights import Program, log_weights
 
@@ -165,3 +165,46 @@ def test_undefined_combinations_are_errors():
         CIWAE(2).loss(jax.random.key(0), {"phi": 0.4}, discrete_model, discrete_guide)
     with pytest.raises(ValueError, match="num_replicates"):
         MIWAE(4, 0)
+
+
+def param_model(x):
+    mu0 = numpyro.param("mu0", 0.2)  # a model parameter
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(mu0, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def global_model(x):
+    mu0 = numpyro.param("mu0", 0.2)  # a model parameter, inside the local weights
+    shift = numpyro.sample("shift", dist.Normal(0.0, 1.0))  # a global latent
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(shift + mu0, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def global_guide(x):
+    numpyro.sample("shift", dist.Normal(numpyro.param("s_loc", 0.1), 0.5))
+    guide(x)
+
+
+@pytest.mark.parametrize("weighting", ["joint", "local"])
+def test_piwae_gives_the_model_iwae_mk_and_the_guide_miwae(weighting):
+    m, k, key = 3, 4, jax.random.key(7)
+    fn, g = (param_model, guide) if weighting == "joint" else (global_model, global_guide)
+    params = {**POOR, "mu0": jnp.asarray(0.2)}
+    if weighting == "local":
+        params["s_loc"] = jnp.asarray(0.1)
+
+    def value_and_grad(objective):
+        return jax.value_and_grad(lambda p: objective.loss(key, p, fn, g, X))(params)
+
+    piwae_loss, piwae = value_and_grad(PIWAE(k, m, weighting=weighting))
+    iwae_loss, iwae = value_and_grad(IWELBO(m * k, weighting=weighting))
+    _, miwae = value_and_grad(MIWAE(k, m, weighting=weighting))
+    # The same key draws the same M K particles for all three.
+    np.testing.assert_allclose(float(piwae_loss), float(iwae_loss), rtol=1e-6)
+    np.testing.assert_allclose(piwae["mu0"], iwae["mu0"], rtol=1e-5)
+    assert abs(float(iwae["mu0"]) - float(miwae["mu0"])) > 1e-3  # the test has power
+    for name in params:
+        if name != "mu0":
+            np.testing.assert_allclose(piwae[name], miwae[name], rtol=1e-5, atol=1e-6)
