@@ -183,6 +183,9 @@ class IWELBO(ELBO):
     """
 
     can_infer_discrete = True
+    #: The gradient estimators this objective defines, and what to say otherwise.
+    _estimators: tuple[str, ...] = GRADIENT_ESTIMATORS
+    _estimator_hint = ""
 
     def __init__(
         self,
@@ -193,10 +196,10 @@ class IWELBO(ELBO):
         weighting: str = "auto",
     ) -> None:
         num_particles = check_positive_int(num_particles, "num_particles")
-        if gradient_estimator not in GRADIENT_ESTIMATORS:
+        if gradient_estimator not in self._estimators:
             raise ValueError(
-                f"`gradient_estimator` must be one of {GRADIENT_ESTIMATORS}, got "
-                f"{gradient_estimator!r}."
+                f"{type(self).__name__} takes gradient_estimator one of {self._estimators}, "
+                f"got {gradient_estimator!r}.{self._estimator_hint}"
             )
         if not (isinstance(vectorize_particles, bool) or callable(vectorize_particles)):
             raise TypeError(

@@ -143,6 +143,11 @@ class CIWAE(IWELBO):
     """
 
     can_infer_discrete = False
+    _estimators = ("reparam", "stl")
+    _estimator_hint = (
+        " The doubly reparameterized estimator is defined for the IWAE bound, not for its "
+        "mixture with the ELBO."
+    )
 
     def __init__(
         self,
@@ -153,12 +158,6 @@ class CIWAE(IWELBO):
         vectorize_particles: bool | Callable = True,
         weighting: str = "auto",
     ) -> None:
-        if gradient_estimator == "dreg":
-            raise ValueError(
-                "CIWAE takes gradient_estimator 'reparam' or 'stl': the doubly "
-                "reparameterized estimator is defined for the IWAE bound, not for its "
-                "mixture with the ELBO."
-            )
         super().__init__(
             num_particles,
             gradient_estimator=gradient_estimator,
@@ -217,6 +216,9 @@ class RenyiELBO(IWELBO):
 
     """
 
+    _estimators = ("reparam", "stl")
+    _estimator_hint = " For DReG at alpha = 0 use IWELBO(gradient_estimator='dreg')."
+
     def __init__(
         self,
         alpha: float = 0.0,
@@ -226,11 +228,6 @@ class RenyiELBO(IWELBO):
         vectorize_particles: bool | Callable = True,
         weighting: str = "auto",
     ) -> None:
-        if gradient_estimator == "dreg":
-            raise ValueError(
-                "RenyiELBO takes gradient_estimator 'reparam' or 'stl'; for the doubly "
-                "reparameterized estimator of alpha = 0 use IWELBO(gradient_estimator='dreg')."
-            )
         super().__init__(
             num_particles,
             gradient_estimator=gradient_estimator,
@@ -286,6 +283,11 @@ class PIWAE(MIWAE):
 
     """
 
+    _estimators = ("reparam", "stl")
+    _estimator_hint = (
+        " DReG for its MIWAE part is not implemented yet; MIWAE(gradient_estimator='dreg') has it."
+    )
+
     def __init__(
         self,
         num_particles: int = 8,
@@ -295,11 +297,6 @@ class PIWAE(MIWAE):
         vectorize_particles: bool | Callable = True,
         weighting: str = "auto",
     ) -> None:
-        if gradient_estimator == "dreg":
-            raise ValueError(
-                "PIWAE takes gradient_estimator 'reparam' or 'stl' (DReG for its MIWAE "
-                "part is not implemented yet); MIWAE(gradient_estimator='dreg') has it."
-            )
         super().__init__(
             num_particles,
             num_replicates,
