@@ -275,9 +275,7 @@ class IWELBO(ELBO):
             log_p, output = model_fn(draw.values, model_params)
             log_q_rep = draw.log_q_rep_path if self.gradient_estimator == "stl" else draw.log_q_rep
             log_w = tuple(p - q - s for p, q, s in zip(log_p, log_q_rep, draw.log_q_score))
-        nan_data = any_nan_data(output, structure)
-        log_w = tuple(mark_nan_data(nan_to_neginf(w), n) for w, n in zip(log_w, nan_data))
-        return log_w, draw.log_q_score, structure, output
+        return zero_weight_log_w(log_w, output, structure), draw.log_q_score, structure, output
 
     def _draw(
         self, rng_key: jax.Array, param_map: dict[str, jax.Array], program: Program
@@ -316,6 +314,17 @@ class IWELBO(ELBO):
         """
         bound = iwae_bound(log_w)
         return with_score_terms(bound, log_w, log_q_score) if score else bound
+
+
+def zero_weight_log_w(
+    log_w: tuple[jax.Array, ...], output: Any, structure: PlateStructure
+) -> tuple[jax.Array, ...]:
+    """Per group, NaN log weights mapped to ``-inf`` (weight zero), except at plate
+    elements whose observed data is NaN, which stay NaN (see
+    :func:`~numpyro_iwae.weights.mark_nan_data`).
+    """
+    nan_data = any_nan_data(output, structure)
+    return tuple(mark_nan_data(nan_to_neginf(w), n) for w, n in zip(log_w, nan_data))
 
 
 def local_objective(

@@ -17,18 +17,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from numpyro_iwae.elbo import IWELBO, average_particles, check_positive_int, local_objective
+from numpyro_iwae.elbo import (
+    IWELBO,
+    average_particles,
+    check_positive_int,
+    local_objective,
+    zero_weight_log_w,
+)
 from numpyro_iwae.estimators import (
     ciwae_bound,
     iwae_bound,
-    nan_to_neginf,
     renyi_bound,
     renyi_learning_signal,
     split_gradient_paths,
     with_score_terms,
 )
 from numpyro_iwae.plates import PlateStructure
-from numpyro_iwae.weights import Program, any_nan_data, mark_nan_data
+from numpyro_iwae.weights import Program
 
 __all__ = ["CIWAE", "MIWAE", "PIWAE", "RenyiELBO"]
 
@@ -326,16 +331,17 @@ class PIWAE(MIWAE):
             model_fn, draw.values, model_params, structure.model_param_sites
         )
         log_q_rep = draw.log_q_rep_path if self.gradient_estimator == "stl" else draw.log_q_rep
-        nan_data = any_nan_data(output, structure)
         sg = jax.lax.stop_gradient
-
-        def clean(log_w: tuple) -> tuple:
-            return tuple(mark_nan_data(nan_to_neginf(w), n) for w, n in zip(log_w, nan_data))
-
         # phi's log weights: values and guide densities live; theta's: only log p.
-        log_w_phi = clean(tuple(p - q - s for p, q, s in zip(log_p, log_q_rep, draw.log_q_score)))
-        log_w_theta = clean(
-            tuple(p - sg(q) - sg(s) for p, q, s in zip(log_p_theta, log_q_rep, draw.log_q_score))
+        log_w_phi = zero_weight_log_w(
+            tuple(p - q - s for p, q, s in zip(log_p, log_q_rep, draw.log_q_score)),
+            output,
+            structure,
+        )
+        log_w_theta = zero_weight_log_w(
+            tuple(p - sg(q) - sg(s) for p, q, s in zip(log_p_theta, log_q_rep, draw.log_q_score)),
+            output,
+            structure,
         )
         score_q = tuple(sg(s) for s in draw.log_q_score)
 

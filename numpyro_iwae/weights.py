@@ -626,9 +626,9 @@ def _guide_stage(
     """
     tr = program.trace_guide(params, key, structure.global_sites)
     sites = list(sample_sites(tr).values())
-    rep_sites = [s for s in sites if s["is_observed"] or s["fn"].has_rsample]
-    rep = accumulate(rep_sites, structure)
-    score = accumulate([s for s in sites if not any(s is r for r in rep_sites)], structure)
+    pathwise = [s["is_observed"] or s["fn"].has_rsample for s in sites]
+    rep = accumulate([s for s, p in zip(sites, pathwise) if p], structure)
+    score = accumulate([s for s, p in zip(sites, pathwise) if not p], structure)
     values, plates, mutable = _draw_data(tr)
     rep_path = None
     if path:
