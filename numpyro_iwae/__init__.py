@@ -7,6 +7,8 @@ Public names:
   :class:`ReweightedWakeSleep`, :class:`SUMO`: the rest of the family.
 - :class:`MarginalLikelihood`: ``log p(x)`` with many particles in bounded memory, with a
   standard error, the effective sample size and the PSIS k-hat (:class:`LogMarginalEstimate`).
+- :class:`SUMOMarginal`: an estimate of ``log p(x)`` whose expectation is ``log p(x)``
+  (SUMO), with a standard error from replicates (:class:`SUMOEstimate`).
 - :class:`JointWeightsWarning`: issued when the weights are joint over a large plate.
 """
 
@@ -14,6 +16,7 @@ from numpyro_iwae.elbo import IWELBO
 from numpyro_iwae.evidence import LogMarginalEstimate, MarginalLikelihood
 from numpyro_iwae.objectives import CIWAE, MIWAE, PIWAE, RenyiELBO
 from numpyro_iwae.sumo import SUMO
+from numpyro_iwae.sumo_evidence import SUMOEstimate, SUMOMarginal
 from numpyro_iwae.wake_sleep import ReweightedWakeSleep
 from numpyro_iwae.weights import JointWeightsWarning
 
@@ -28,5 +31,7 @@ __all__ = [
     "RenyiELBO",
     "ReweightedWakeSleep",
     "SUMO",
+    "SUMOEstimate",
+    "SUMOMarginal",
 ]
 __version__ = "0.1.0"

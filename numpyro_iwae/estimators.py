@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
@@ -30,8 +30,11 @@ __all__ = [
     "renyi_learning_signal",
     "sample_sumo_terms",
     "split_gradient_paths",
+    "SumoRun",
     "sumo_estimate",
+    "sumo_start",
     "sumo_survival",
+    "sumo_update",
     "vimco_learning_signal",
     "wake_phi_surrogate",
     "with_score_terms",
@@ -543,21 +546,89 @@ def sumo_survival(k: jax.Array) -> jax.Array:
     return jnp.where(k < SUMO_TAIL_START, 1.0 / k, tail)
 
 
-def sample_sumo_terms(key: jax.Array, max_terms: int, shape: tuple[int, ...] = ()) -> jax.Array:
+def sample_sumo_terms(
+    key: jax.Array, max_terms: int | None, shape: tuple[int, ...] = ()
+) -> jax.Array:
     r"""Draw SUMO's number of terms :math:`T \ge 1` with exactly the survival function
     :func:`sumo_survival` up to ``max_terms`` and :math:`T \le` ``max_terms``
     (the distribution truncated there: :math:`T = \min(T', \text{max\_terms})`), by
     inverting it: :math:`T = \max\{k : P(T \ge k) \ge u\}`, :math:`u \sim U(0, 1)`.
-    A fresh key gives a fresh T, also inside ``jit``.
+    ``max_terms=None`` draws from the untruncated distribution (float32 bounds T
+    below about 870). A fresh key gives a fresh T, also inside ``jit``.
     """
-    if isinstance(max_terms, bool) or not isinstance(max_terms, int) or max_terms < 1:
-        raise ValueError(f"max_terms must be a positive integer, got {max_terms!r}.")
+    if max_terms is not None and (
+        isinstance(max_terms, bool) or not isinstance(max_terms, int) or max_terms < 1
+    ):
+        raise ValueError(f"max_terms must be a positive integer or None, got {max_terms!r}.")
     u = jax.random.uniform(key, shape, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
     head = jnp.floor(1.0 / u)
     log_tail = jnp.log(u * SUMO_TAIL_START) / math.log(SUMO_TAIL_RATIO)
     tail = SUMO_TAIL_START + jnp.floor(log_tail)
     terms = jnp.where(u > 1.0 / SUMO_TAIL_START, head, tail)
     return jnp.clip(terms, 1, max_terms).astype(jnp.int32)
+
+
+class SumoRun(NamedTuple):
+    r"""The state of a SUMO estimate read from a run of particles a chunk at a time
+    (:func:`sumo_update`), per plate element.
+
+    Attributes:
+        count: particles read so far, :math:`n` (an integer scalar).
+        log_sum: :math:`\log \sum_{i \le n} w_i` (:math:`-\infty` before the first).
+        value: the estimate's terms so far; the SUMO estimate once
+            :math:`n \ge m + T`.
+
+    """
+
+    count: jax.Array
+    log_sum: jax.Array
+    value: jax.Array
+
+
+def sumo_start(shape: tuple[int, ...], dtype: Any = jnp.float32) -> SumoRun:
+    """An empty :class:`SumoRun` for plate elements of the given shape."""
+    return SumoRun(jnp.int32(0), jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, dtype))
+
+
+def sumo_update(
+    run: SumoRun, log_w: jax.Array, num_terms: jax.Array, min_particles: int = 1
+) -> SumoRun:
+    r"""Read the next particles ``log_w`` (shape ``(c, *plates)``) into a SUMO
+    estimate (:func:`sumo_estimate`): particle :math:`k` adds
+    :math:`\mathrm{IWAE}_m` if :math:`k = m`, and
+    :math:`\Delta_k / P(T \ge k - m)` if :math:`m < k \le m + T`, nothing
+    otherwise, with the increment computed as
+
+    .. math::
+
+        \Delta_k = \mathrm{IWAE}_k - \mathrm{IWAE}_{k-1}
+            = \log\Big(1 + \frac{w_k}{\sum_{i < k} w_i}\Big)
+              - \log\Big(1 + \frac{1}{k - 1}\Big),
+
+    not as a difference of two bounds: its rounding error is then relative to
+    :math:`|\Delta_k| \sim 1/k`, not to :math:`|\log p(x)|` (which the division by
+    :math:`P(T \ge j)`, down to 1/80, would amplify). The running ``logsumexp``
+    makes the estimate the same whatever the chunks, up to float rounding, and
+    memory that of one chunk.
+    """
+    c = log_w.shape[0]
+    column = (c,) + (1,) * (log_w.ndim - 1)
+    k = (run.count + jnp.arange(1, c + 1)).reshape(column)
+    log_sum = jnp.logaddexp(run.log_sum, jax.lax.cumlogsumexp(log_w, axis=0))
+    log_sum_before = jnp.concatenate([run.log_sum[None], log_sum[:-1]])
+    j = k - min_particles
+    live = (j >= 1) & (j <= jnp.asarray(num_terms))
+    # While every weight so far is zero, IWAE stays -inf and adds nothing (0 - inf
+    # would be NaN); the where keeps NaN out of the gradient too.
+    ok = live & (log_sum_before > -jnp.inf)
+    ratio = jnp.where(ok, log_w - log_sum_before, 0.0)
+    k_before = jnp.maximum(k - 1, 1).astype(log_w.dtype)
+    delta = jax.nn.softplus(ratio) - jnp.log1p(1.0 / k_before)
+    increments = jnp.where(ok, delta / sumo_survival(jnp.maximum(j, 1)), 0.0)
+    iwae = log_sum - jnp.log(k.astype(log_w.dtype))
+    first = jnp.where(k == min_particles, iwae, 0.0)
+    value = run.value + jnp.sum(first + increments, axis=0)
+    return SumoRun(run.count + c, log_sum[-1], value)
 
 
 def sumo_estimate(log_w: jax.Array, num_terms: jax.Array, min_particles: int = 1) -> jax.Array:
@@ -598,13 +669,8 @@ def sumo_estimate(log_w: jax.Array, num_terms: jax.Array, min_particles: int = 1
     n = log_w.shape[0]
     if not 1 <= min_particles < n:
         raise ValueError(f"min_particles must lie in [1, {n - 1}], got {min_particles}.")
-    counts = jnp.arange(1, n + 1, dtype=log_w.dtype).reshape((n,) + (1,) * (log_w.ndim - 1))
-    iwae = jax.lax.cumlogsumexp(log_w, axis=0) - jnp.log(counts)  # IWAE_1 .. IWAE_n
-    deltas = iwae[min_particles:] - iwae[min_particles - 1 : -1]  # Delta_{m+j}, j = 0..
-    j = jnp.arange(1, n - min_particles + 1).reshape((-1,) + (1,) * (log_w.ndim - 1))
-    live = j <= jnp.asarray(num_terms)
-    terms = jnp.where(live, deltas / sumo_survival(j), 0.0)
-    return iwae[min_particles - 1] + jnp.sum(terms, axis=0)
+    start = sumo_start(log_w.shape[1:], log_w.dtype)
+    return sumo_update(start, log_w, num_terms, min_particles).value
 
 
 def split_gradient_paths(

@@ -263,7 +263,98 @@ def _resample(
     return out
 
 
-class MarginalLikelihood:
+class Evaluator:
+    r"""What the estimators of :math:`\log p(x)` for a fitted model share: the fitted
+    values, the checks of a model/guide pair before it is scored (missing params,
+    point masses, subsampled plates, NaN data), and the call, compiled once per
+    shape of the arguments. Subclasses define ``_evaluate_traced``.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        *,
+        params: dict[str, Any] | None = None,
+        mutable_state: dict[str, Any] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        self.model = model
+        self.guide = guide
+        self.params = {} if params is None else dict(params)
+        self.mutable_state = {} if mutable_state is None else dict(mutable_state)
+        self.memory_budget = check_positive_int(memory_budget, "memory_budget")
+        self._given_params = params is not None
+        self._evaluate = jax.jit(self._evaluate_traced, static_argnums=3)
+        self._plate_names: dict[_Static, dict[str, tuple[str, ...]]] = {}
+
+    def _structure(
+        self, program: Program, values: dict, key: jax.Array, weighting: str = "joint"
+    ) -> PlateStructure:
+        structure = plan(program, values, key, weighting)
+        missing = sorted(set(structure.param_sites) - set(self.params))
+        if missing:
+            hint = "" if self._given_params else " (no params were given)"
+            raise ValueError(
+                f"`params` has no value for param site(s) {missing}{hint}. Pass the "
+                "fitted values, e.g. MarginalLikelihood(..., params=svi_result.params); "
+                "evaluating at initial values is rarely what is meant."
+            )
+        point_masses = point_mass_sites(program, values, key[1])
+        if point_masses:
+            raise ValueError(
+                f"Guide site(s) {list(point_masses)} are point masses "
+                "(Delta): every particle is the same point, so importance sampling would "
+                "report log p(x, z*) with a standard error of 0, a confident wrong "
+                "answer. Score a guide with a density instead, e.g. AutoNormal or "
+                "AutoMultivariateNormal(model, init_loc_fn=init_to_value(values="
+                "point_guide.median(params))) fitted for a few SVI steps."
+            )
+        for name, size, sub in structure.guide_only_subsampled:
+            raise ValueError(
+                f"The guide subsamples plate '{name}' to {sub} of {size} elements, but the "
+                "model, called with these arguments, does not subsample it: an AutoGuide "
+                "fixes each plate's subsample size the first time it runs (here, in "
+                "training). To score the full data, create a new guide of the same class "
+                "for the model, e.g. AutoNormal(model), and pass the fitted params to it: "
+                "its plates follow the arguments of its first call."
+            )
+        subsampled = [
+            n
+            for n, full, b in zip(structure.names, structure.full_sizes, structure.sizes)
+            if full != b
+        ] + [n for n, size, full in structure.local_plates if full != size]
+        if subsampled or structure.subsampled_joint_plates:
+            raise ValueError(
+                f"Plate(s) {subsampled + list(structure.subsampled_joint_plates)} are "
+                "subsampled; log p(x) is estimated on the data as given. Call the model "
+                "without subsample_size (e.g. pass the full data)."
+            )
+        return structure
+
+    def _score(self, rng_key: jax.Array, args: tuple, kwargs: dict) -> Any:
+        """Check, then run the compiled ``_evaluate_traced`` on the call's arguments
+        (arrays dynamic, everything else static) and raise on NaN data.
+        """
+        values = {**self.params, **self.mutable_state}
+        Program(self.model, self.guide, args, kwargs).prepare_guide(values, rng_key)
+        dynamic, static = _split_static((args, kwargs))
+        estimate, nan_data = self._evaluate(rng_key, values, dynamic, static)
+        _raise_on_nan_data(nan_data, self._plate_names.get(static, {}))
+        return estimate
+
+    def _auto_chunk(self, chunk_log_w: Callable, keys: jax.Array, num_particles: int) -> int:
+        """The largest chunk whose particles fit in ``memory_budget``: the peak size
+        of two particles' arrays less one particle's (what one more particle adds).
+        """
+        if num_particles == 1:
+            return 1
+        one, two = (_peak_bytes(jax.make_jaxpr(chunk_log_w)(keys[:c]).jaxpr) for c in (1, 2))
+        per_particle = max(two - one, one // 2, 1)
+        return int(min(num_particles, max(1, self.memory_budget // per_particle)))
+
+
+class MarginalLikelihood(Evaluator):
     r"""Estimate :math:`\log p(x)` of a model with a (fitted) guide as proposal.
 
     .. math::
@@ -364,15 +455,13 @@ class MarginalLikelihood:
         return_log_weights: bool = False,
         num_global_particles: int | None = None,
     ) -> None:
-        self.model = model
-        self.guide = guide
-        self.params = {} if params is None else dict(params)
-        self.mutable_state = {} if mutable_state is None else dict(mutable_state)
+        super().__init__(
+            model, guide, params=params, mutable_state=mutable_state, memory_budget=memory_budget
+        )
         self.num_particles = check_positive_int(num_particles, "num_particles")
         if chunk_size is not None:
             chunk_size = min(check_positive_int(chunk_size, "chunk_size"), self.num_particles)
         self.chunk_size = chunk_size
-        self.memory_budget = check_positive_int(memory_budget, "memory_budget")
         self.return_log_weights = bool(return_log_weights)
         self.num_samples = 0 if num_samples == 0 else check_positive_int(num_samples, "num_samples")
         if num_global_particles is not None:
@@ -383,53 +472,6 @@ class MarginalLikelihood:
                     "num_global_particles (the nested estimator); use one or the other."
                 )
         self.num_global_particles = num_global_particles
-        self._given_params = params is not None
-        self._evaluate = jax.jit(self._evaluate_traced, static_argnums=3)
-        self._plate_names: dict[_Static, dict[str, tuple[str, ...]]] = {}
-
-    def _structure(
-        self, program: Program, values: dict, key: jax.Array, weighting: str = "joint"
-    ) -> PlateStructure:
-        structure = plan(program, values, key, weighting)
-        missing = sorted(set(structure.param_sites) - set(self.params))
-        if missing:
-            hint = "" if self._given_params else " (no params were given)"
-            raise ValueError(
-                f"`params` has no value for param site(s) {missing}{hint}. Pass the "
-                "fitted values, e.g. MarginalLikelihood(..., params=svi_result.params); "
-                "evaluating at initial values is rarely what is meant."
-            )
-        point_masses = point_mass_sites(program, values, key[1])
-        if point_masses:
-            raise ValueError(
-                f"Guide site(s) {list(point_masses)} are point masses "
-                "(Delta): every particle is the same point, so importance sampling would "
-                "report log p(x, z*) with a standard error of 0, a confident wrong "
-                "answer. Score a guide with a density instead, e.g. AutoNormal or "
-                "AutoMultivariateNormal(model, init_loc_fn=init_to_value(values="
-                "point_guide.median(params))) fitted for a few SVI steps."
-            )
-        for name, size, sub in structure.guide_only_subsampled:
-            raise ValueError(
-                f"The guide subsamples plate '{name}' to {sub} of {size} elements, but the "
-                "model, called with these arguments, does not subsample it: an AutoGuide "
-                "fixes each plate's subsample size the first time it runs (here, in "
-                "training). To score the full data, create a new guide of the same class "
-                "for the model, e.g. AutoNormal(model), and pass the fitted params to it: "
-                "its plates follow the arguments of its first call."
-            )
-        subsampled = [
-            n
-            for n, full, b in zip(structure.names, structure.full_sizes, structure.sizes)
-            if full != b
-        ] + [n for n, size, full in structure.local_plates if full != size]
-        if subsampled or structure.subsampled_joint_plates:
-            raise ValueError(
-                f"Plate(s) {subsampled + list(structure.subsampled_joint_plates)} are "
-                "subsampled; log p(x) is estimated on the data as given. Call the model "
-                "without subsample_size (e.g. pass the full data)."
-            )
-        return structure
 
     def __call__(self, rng_key: jax.Array, *args: Any, **kwargs: Any) -> LogMarginalEstimate:
         """Estimate ``log p(x)`` for the data in ``args``/``kwargs``.
@@ -438,12 +480,7 @@ class MarginalLikelihood:
             whatever the chunk size.
         :return: a :class:`LogMarginalEstimate`.
         """
-        values = {**self.params, **self.mutable_state}
-        Program(self.model, self.guide, args, kwargs).prepare_guide(values, rng_key)
-        dynamic, static = _split_static((args, kwargs))
-        estimate, nan_data = self._evaluate(rng_key, values, dynamic, static)
-        _raise_on_nan_data(nan_data, self._plate_names.get(static, {}))
-        return estimate
+        return self._score(rng_key, args, kwargs)
 
     def _evaluate_traced(
         self, rng_key: jax.Array, values: dict, dynamic: list, static: _Static
@@ -462,7 +499,7 @@ class MarginalLikelihood:
             log_w = nan_to_neginf(log_p[0] - draw.log_q_rep[0] - draw.log_q_score[0])
             return log_w, draw.values, output.nan_data
 
-        chunk = self.chunk_size or self._auto_chunk(chunk_log_w, keys)
+        chunk = self.chunk_size or self._auto_chunk(chunk_log_w, keys, k)
         keys, live = _chunked(keys, k, chunk)
         num_chunks = keys.shape[0]
 
@@ -534,7 +571,7 @@ class MarginalLikelihood:
 
         global_keys = jax.random.split(jax.random.fold_in(rng_key, 2), num_global)
         chunk = self.chunk_size or self._auto_chunk(
-            lambda ck: chunk_log_w(global_keys[0], ck), particle_keys(global_keys[0])
+            lambda ck: chunk_log_w(global_keys[0], ck), particle_keys(global_keys[0]), k
         )
         m_top = min(psis_tail_length(k) + 1, k)
 
@@ -590,16 +627,6 @@ class MarginalLikelihood:
             n: structure.group_plates(structure.group_of(n)) for n in nan_data
         }
         return estimate, nan_data
-
-    def _auto_chunk(self, chunk_log_w: Callable, keys: jax.Array) -> int:
-        """The largest chunk whose particles fit in ``memory_budget``: the peak size
-        of two particles' arrays less one particle's (what one more particle adds).
-        """
-        if self.num_particles == 1:
-            return 1
-        one, two = (_peak_bytes(jax.make_jaxpr(chunk_log_w)(keys[:c]).jaxpr) for c in (1, 2))
-        per_particle = max(two - one, one // 2, 1)
-        return int(min(self.num_particles, max(1, self.memory_budget // per_particle)))
 
     def _estimate(
         self, state: _Running, stacked: jax.Array | None, k: int, samples: dict | None
