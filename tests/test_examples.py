@@ -1,4 +1,5 @@
-"""Smoke tests of the examples: the funnel (the README's first command), SNR and the VAE."""
+"""Smoke tests of the examples: the funnel (the README's first command), SNR, the VAE and
+the funnel sampler."""
 
 import importlib.util
 import json
@@ -6,6 +7,8 @@ import os
 from pathlib import Path
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -182,3 +185,45 @@ def test_hierarchical_example_reads_chem97_into_padded_schools():
         ]
     )
     np.testing.assert_allclose([y.mean(), y.std()], [0.0, 1.0], atol=1e-5)
+
+
+def test_funnel_sampler_targets_are_the_funnels():
+    sampler = load("funnel_sampler")
+    funnel = load("funnel")
+    from numpyro.infer.util import log_density
+
+    ten = sampler.TARGETS["funnel10d"]
+    x = ten.sample(jax.random.key(0), 5)
+    for row in np.asarray(x):
+        expected, _ = log_density(funnel.funnel, (), {}, {"v": row[0], "x": row[1:]})
+        np.testing.assert_allclose(ten.log_density(jnp.asarray(row)), expected, rtol=1e-5)
+    two = sampler.TARGETS["funnel2d"]
+    x = np.asarray(two.sample(jax.random.key(1), 4000), np.float64)
+    # x1 ~ N(0, 1.35^2); x0 / exp(x1) ~ N(0, 1)
+    assert abs(x[:, 1].std() - 1.35) < 4 * 1.35 / np.sqrt(2 * 4000)
+    assert abs((x[:, 0] / np.exp(x[:, 1])).std() - 1.0) < 4 / np.sqrt(2 * 4000)
+    expected = -0.5 * (x[:, 1] / 1.35) ** 2 - np.log(1.35) - 0.5 * (x[:, 0] / np.exp(x[:, 1])) ** 2
+    expected += -x[:, 1] - np.log(2 * np.pi)
+    np.testing.assert_allclose(two.log_density(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_funnel_sampler_example_smoke(tmp_path):
+    sampler = load("funnel_sampler")
+    argv = ["--targets", "funnel2d", "--methods", "iwae-2", "sumo", "--steps", "10"]
+    argv += ["--eval-every", "5", "--curve-samples", "40", "--curve-particles", "40"]
+    argv += ["--eval-samples", "60", "--eval-particles", "60", "--sumo-replicates", "2"]
+    argv += ["--sumo-max-terms", "10", "--hidden", "16"]
+    sampler.main(argv + ["--no-progress", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "funnel_sampler.json").read_text())
+    assert (tmp_path / "funnel_sampler.png").stat().st_size > 0
+    runs = saved["results"]["funnel2d"]
+    assert set(runs) == {"iwae-2", "sumo"}
+    assert runs["sumo"]["computed_particles"] == 11 and runs["iwae-2"]["expected_particles"] == 2
+    for run in runs.values():
+        means = run["objective_block_means"]
+        assert run["objective_block"] == 10 and len(means) == 1 and np.isfinite(means[0])
+        assert [c["step"] for c in run["checkpoints"]] == [5, 10]
+        final = run["final"]
+        for name in ("kl_is", "kl_is_stderr", "k_hat_median", "kl_sumo", "energy", "energy_floor"):
+            assert np.isfinite(final[name]), name
+        assert 0 <= final["ks_neck"] <= 1
