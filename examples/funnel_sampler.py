@@ -47,8 +47,12 @@ import numpyro.distributions as dist
 import optax
 
 from numpyro_iwae import MarginalLikelihood, SUMOMarginal
-from numpyro_iwae.estimators import iwae_bound, sample_sumo_terms, sumo_estimate
-from numpyro_iwae.sumo_evidence import expected_particles
+from numpyro_iwae.estimators import (
+    expected_sumo_terms,
+    iwae_bound,
+    sample_sumo_terms,
+    sumo_estimate,
+)
 
 # ---------------------------------------------------------------- the targets
 
@@ -185,7 +189,7 @@ class Method:
     def expected_particles(self) -> float:
         if not self.sumo:
             return float(self.particles)
-        return expected_particles(self.min_particles, self.particles - self.min_particles)
+        return self.min_particles + expected_sumo_terms(self.particles - self.min_particles)
 
 
 def make_step(sampler: Sampler, target: Target, method: Method, optimizer, batch: int) -> Callable:

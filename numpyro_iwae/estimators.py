@@ -20,6 +20,7 @@ __all__ = [
     "ciwae_bound",
     "dreg_log_weights",
     "dreg_surrogate",
+    "expected_sumo_terms",
     "hoist_closure",
     "iwae_bound",
     "miwae_bound",
@@ -530,10 +531,22 @@ SUMO_TAIL_START = 80
 SUMO_TAIL_RATIO = 0.9
 
 
-def sumo_survival(k: jax.Array) -> jax.Array:
-    r"""SUMO's default :math:`P(T \ge k)` for :math:`k \ge 1` (Luo et al., 2020):
-    :math:`1/k` for :math:`k < 80`, then :math:`\frac{1}{80}\, 0.9^{k - 80}`
-    (continuous at 80; :math:`\mathbb E[T] = \sum_k P(T \ge k) \approx 5.08`).
+def _check_tail(tail_start: int, tail_ratio: float) -> None:
+    if isinstance(tail_start, bool) or not isinstance(tail_start, int) or tail_start < 1:
+        raise ValueError(f"tail_start must be a positive integer, got {tail_start!r}.")
+    if not 0.0 < float(tail_ratio) < 1.0:
+        raise ValueError(f"tail_ratio must lie in (0, 1), got {tail_ratio!r}.")
+
+
+def sumo_survival(
+    k: jax.Array, tail_start: int = SUMO_TAIL_START, tail_ratio: float = SUMO_TAIL_RATIO
+) -> jax.Array:
+    r"""SUMO's :math:`P(T \ge k)` for :math:`k \ge 1` (Luo et al., 2020): :math:`1/k`
+    for :math:`k <` ``tail_start`` (:math:`s`), then the geometric tail
+    :math:`\frac{1}{s}\, r^{k - s}` with :math:`r` = ``tail_ratio`` (continuous at
+    :math:`s`). The default, :math:`s = 80`, :math:`r = 0.9`, has
+    :math:`\mathbb E[T] = \sum_k P(T \ge k) \approx 5.08`; a smaller :math:`s` or
+    :math:`r` costs fewer terms and gives a heavier-tailed estimate.
 
     Example:
         >>> from numpyro_iwae.estimators import sumo_survival
@@ -541,30 +554,63 @@ def sumo_survival(k: jax.Array) -> jax.Array:
         [1.0, 0.5, 0.0125, 0.0112]
 
     """
+    _check_tail(tail_start, tail_ratio)
     k = jnp.asarray(k, jnp.float32)
-    tail = (1.0 / SUMO_TAIL_START) * SUMO_TAIL_RATIO ** (k - SUMO_TAIL_START)
-    return jnp.where(k < SUMO_TAIL_START, 1.0 / k, tail)
+    tail = (1.0 / tail_start) * tail_ratio ** (k - tail_start)
+    return jnp.where(k < tail_start, 1.0 / k, tail)
+
+
+def expected_sumo_terms(
+    max_terms: int | None = None,
+    tail_start: int = SUMO_TAIL_START,
+    tail_ratio: float = SUMO_TAIL_RATIO,
+) -> float:
+    r""":math:`\mathbb E[T] = \sum_{k \ge 1} P(T \ge k)`, the expected terms of one SUMO
+    estimate beyond its m particles, with T capped at ``max_terms`` (``None``: not
+    capped; the geometric tail is summed in closed form).
+
+    Example:
+        >>> from numpyro_iwae.estimators import expected_sumo_terms
+        >>> round(expected_sumo_terms(), 3), round(expected_sumo_terms(80), 3)
+        (5.078, 4.965)
+
+    """
+    _check_tail(tail_start, tail_ratio)
+    head = sum(1.0 / k for k in range(1, tail_start))
+    if max_terms is None:
+        return head + (1.0 / tail_start) / (1.0 - tail_ratio)
+    if max_terms < tail_start:
+        return sum(1.0 / k for k in range(1, max_terms + 1))
+    n = max_terms - tail_start + 1  # tail terms k = s .. max_terms
+    return head + (1.0 / tail_start) * (1.0 - tail_ratio**n) / (1.0 - tail_ratio)
 
 
 def sample_sumo_terms(
-    key: jax.Array, max_terms: int | None, shape: tuple[int, ...] = ()
+    key: jax.Array,
+    max_terms: int | None,
+    shape: tuple[int, ...] = (),
+    tail_start: int = SUMO_TAIL_START,
+    tail_ratio: float = SUMO_TAIL_RATIO,
 ) -> jax.Array:
     r"""Draw SUMO's number of terms :math:`T \ge 1` with exactly the survival function
-    :func:`sumo_survival` up to ``max_terms`` and :math:`T \le` ``max_terms``
-    (the distribution truncated there: :math:`T = \min(T', \text{max\_terms})`), by
-    inverting it: :math:`T = \max\{k : P(T \ge k) \ge u\}`, :math:`u \sim U(0, 1)`.
+    :func:`sumo_survival` (same ``tail_start`` and ``tail_ratio``) up to ``max_terms``
+    and :math:`T \le` ``max_terms`` (the distribution truncated there:
+    :math:`T = \min(T', \text{max\_terms})`), by inverting it:
+    :math:`T = \max\{k : P(T \ge k) \ge u\}`, :math:`u \sim U(0, 1)`.
     ``max_terms=None`` draws from the untruncated distribution (float32 bounds T
-    below about 870). A fresh key gives a fresh T, also inside ``jit``.
+    below about :math:`s + \log(10^{-38} s)/\log r`, 870 by default). A fresh key gives
+    a fresh T, also inside ``jit``.
     """
     if max_terms is not None and (
         isinstance(max_terms, bool) or not isinstance(max_terms, int) or max_terms < 1
     ):
         raise ValueError(f"max_terms must be a positive integer or None, got {max_terms!r}.")
+    _check_tail(tail_start, tail_ratio)
     u = jax.random.uniform(key, shape, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
     head = jnp.floor(1.0 / u)
-    log_tail = jnp.log(u * SUMO_TAIL_START) / math.log(SUMO_TAIL_RATIO)
-    tail = SUMO_TAIL_START + jnp.floor(log_tail)
-    terms = jnp.where(u > 1.0 / SUMO_TAIL_START, head, tail)
+    log_tail = jnp.log(u * tail_start) / math.log(tail_ratio)
+    tail = tail_start + jnp.floor(log_tail)
+    terms = jnp.where(u > 1.0 / tail_start, head, tail)
     return jnp.clip(terms, 1, max_terms).astype(jnp.int32)
 
 
@@ -591,13 +637,19 @@ def sumo_start(shape: tuple[int, ...], dtype: Any = jnp.float32) -> SumoRun:
 
 
 def sumo_update(
-    run: SumoRun, log_w: jax.Array, num_terms: jax.Array, min_particles: int = 1
+    run: SumoRun,
+    log_w: jax.Array,
+    num_terms: jax.Array,
+    min_particles: int = 1,
+    tail_start: int = SUMO_TAIL_START,
+    tail_ratio: float = SUMO_TAIL_RATIO,
 ) -> SumoRun:
     r"""Read the next particles ``log_w`` (shape ``(c, *plates)``) into a SUMO
     estimate (:func:`sumo_estimate`): particle :math:`k` adds
     :math:`\mathrm{IWAE}_m` if :math:`k = m`, and
     :math:`\Delta_k / P(T \ge k - m)` if :math:`m < k \le m + T`, nothing
-    otherwise, with the increment computed as
+    otherwise (:math:`P` the :func:`sumo_survival` of ``tail_start`` and
+    ``tail_ratio``), with the increment computed as
 
     .. math::
 
@@ -624,14 +676,21 @@ def sumo_update(
     ratio = jnp.where(ok, log_w - log_sum_before, 0.0)
     k_before = jnp.maximum(k - 1, 1).astype(log_w.dtype)
     delta = jax.nn.softplus(ratio) - jnp.log1p(1.0 / k_before)
-    increments = jnp.where(ok, delta / sumo_survival(jnp.maximum(j, 1)), 0.0)
+    survival = sumo_survival(jnp.maximum(j, 1), tail_start, tail_ratio)
+    increments = jnp.where(ok, delta / survival, 0.0)
     iwae = log_sum - jnp.log(k.astype(log_w.dtype))
     first = jnp.where(k == min_particles, iwae, 0.0)
     value = run.value + jnp.sum(first + increments, axis=0)
     return SumoRun(run.count + c, log_sum[-1], value)
 
 
-def sumo_estimate(log_w: jax.Array, num_terms: jax.Array, min_particles: int = 1) -> jax.Array:
+def sumo_estimate(
+    log_w: jax.Array,
+    num_terms: jax.Array,
+    min_particles: int = 1,
+    tail_start: int = SUMO_TAIL_START,
+    tail_ratio: float = SUMO_TAIL_RATIO,
+) -> jax.Array:
     r"""The SUMO estimator of :math:`\log p(x)` (Luo, Beatson, Norouzi, Zhu, Duvenaud,
     Adams & Chen, 2020, *SUMO: Unbiased Estimation of Log Marginal Probability for
     Latent Variable Models*, ICLR) per plate element, from one growing run of
@@ -644,7 +703,8 @@ def sumo_estimate(log_w: jax.Array, num_terms: jax.Array, min_particles: int = 1
 
     with every :math:`\mathrm{IWAE}_k = \log \frac1k \sum_{i \le k} w_i` read off one
     cumulative ``logsumexp``. The terms beyond ``num_terms`` (T, from
-    :func:`sample_sumo_terms`; a scalar or one per element) are masked, so the shape is
+    :func:`sample_sumo_terms` with the same ``tail_start`` and ``tail_ratio``; a scalar
+    or one per element) are masked, so the shape is
     static and T may change at every step under ``jit``. With T drawn as
     :func:`sample_sumo_terms` draws it, the expectation is exactly that of
     :math:`\mathrm{IWAE}_{m + T_{\max}}`, which tends to :math:`\log p(x)` from below
@@ -670,7 +730,7 @@ def sumo_estimate(log_w: jax.Array, num_terms: jax.Array, min_particles: int = 1
     if not 1 <= min_particles < n:
         raise ValueError(f"min_particles must lie in [1, {n - 1}], got {min_particles}.")
     start = sumo_start(log_w.shape[1:], log_w.dtype)
-    return sumo_update(start, log_w, num_terms, min_particles).value
+    return sumo_update(start, log_w, num_terms, min_particles, tail_start, tail_ratio).value
 
 
 def split_gradient_paths(

@@ -19,10 +19,13 @@ from numpyro_iwae.elbo import (
     zero_weight_log_w,
 )
 from numpyro_iwae.estimators import (
+    SUMO_TAIL_RATIO,
+    SUMO_TAIL_START,
     iwae_bound,
     sample_sumo_terms,
     split_gradient_paths,
     sumo_estimate,
+    sumo_survival,
     zero_valued,
 )
 from numpyro_iwae.plates import PlateStructure
@@ -68,6 +71,9 @@ class SUMO(IWELBO):
     :param min_particles: m, the particles of the first IWAE term (default 1).
     :param max_terms: :math:`T_{\max}` (default 80).
     :param guide_objective: ``"variance"`` (default) or ``"iwae"``.
+    :param tail_start: where the truncation distribution's geometric tail begins
+        (default 80; :func:`~numpyro_iwae.estimators.sumo_survival`).
+    :param tail_ratio: the tail's ratio (default 0.9).
     :param vectorize_particles: as for :class:`~numpyro_iwae.IWELBO`.
     :param weighting: as for :class:`~numpyro_iwae.IWELBO`.
 
@@ -93,6 +99,8 @@ class SUMO(IWELBO):
         max_terms: int = 80,
         *,
         guide_objective: str = "variance",
+        tail_start: int = SUMO_TAIL_START,
+        tail_ratio: float = SUMO_TAIL_RATIO,
         vectorize_particles: bool | Callable = True,
         weighting: str = "auto",
     ) -> None:
@@ -103,6 +111,8 @@ class SUMO(IWELBO):
                 f"`guide_objective` must be one of {GUIDE_OBJECTIVES}, got {guide_objective!r}."
             )
         self.guide_objective = guide_objective
+        sumo_survival(1, tail_start, tail_ratio)  # checks them
+        self.tail_start, self.tail_ratio = tail_start, tail_ratio
         super().__init__(
             self.min_particles + self.max_terms,
             vectorize_particles=vectorize_particles,
@@ -112,7 +122,8 @@ class SUMO(IWELBO):
     def __repr__(self) -> str:
         return (
             f"SUMO(min_particles={self.min_particles}, max_terms={self.max_terms}, "
-            f"guide_objective={self.guide_objective!r}, weighting={self.weighting!r})"
+            f"guide_objective={self.guide_objective!r}, tail_start={self.tail_start}, "
+            f"tail_ratio={self.tail_ratio}, weighting={self.weighting!r})"
         )
 
     def _check_structure(self, structure: PlateStructure) -> None:
@@ -149,13 +160,14 @@ class SUMO(IWELBO):
         log_w_phi = zero_weight_log_w(log_w_phi, output, structure)
         keys = tuple(jax.random.fold_in(terms_key, g) for g in range(structure.num_groups))
         m, t_max, variance = self.min_particles, self.max_terms, self.guide_objective == "variance"
+        tail = (self.tail_start, self.tail_ratio)
 
         def element(log_w: jax.Array, part: tuple, score: bool) -> jax.Array:
             log_w_guide, key = part
-            terms = sample_sumo_terms(key, t_max, log_w.shape[1:])
-            value = sumo_estimate(log_w, terms, m)
+            terms = sample_sumo_terms(key, t_max, log_w.shape[1:], *tail)
+            value = sumo_estimate(log_w, terms, m, *tail)
             if variance:  # ascended: minus E[SUMO^2]
-                guide_part = -(sumo_estimate(log_w_guide, terms, m) ** 2)
+                guide_part = -(sumo_estimate(log_w_guide, terms, m, *tail) ** 2)
             else:
                 guide_part = iwae_bound(log_w_guide)
             return value + zero_valued(guide_part)

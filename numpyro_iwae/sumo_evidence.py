@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from numpyro_iwae.elbo import check_positive_int
 from numpyro_iwae.estimators import (
+    SUMO_TAIL_RATIO,
+    SUMO_TAIL_START,
     nan_to_neginf,
     sample_sumo_terms,
     sumo_start,
@@ -108,6 +110,8 @@ class SUMOMarginal(Evaluator):
     :param max_terms: :math:`T_{\max}` (default 80), or ``None`` for no truncation
         (unbiased for :math:`\log p(x)`, but see *When to trust it*).
     :param num_replicates: R, independent estimates (default 100).
+    :param tail_start: as for :class:`~numpyro_iwae.SUMO` (default 80).
+    :param tail_ratio: as for :class:`~numpyro_iwae.SUMO` (default 0.9).
     :param chunk_size: particles per chunk; ``None``: 16, or fewer if one chunk's
         arrays would exceed ``memory_budget``.
     :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood`.
@@ -137,6 +141,8 @@ class SUMOMarginal(Evaluator):
         min_particles: int = 1,
         max_terms: int | None = 80,
         num_replicates: int = 100,
+        tail_start: int = SUMO_TAIL_START,
+        tail_ratio: float = SUMO_TAIL_RATIO,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
@@ -148,6 +154,8 @@ class SUMOMarginal(Evaluator):
             max_terms = check_positive_int(max_terms, "max_terms")
         self.max_terms = max_terms
         self.num_replicates = check_positive_int(num_replicates, "num_replicates")
+        sumo_survival(1, tail_start, tail_ratio)  # checks them
+        self.tail_start, self.tail_ratio = tail_start, tail_ratio
         if chunk_size is not None:
             chunk_size = check_positive_int(chunk_size, "chunk_size")
         self.chunk_size = chunk_size
@@ -166,6 +174,7 @@ class SUMOMarginal(Evaluator):
     ) -> tuple[SUMOEstimate, dict[str, jax.Array]]:
         args, kwargs = static.merge(dynamic)
         m, max_terms = self.min_particles, self.max_terms
+        tail = (self.tail_start, self.tail_ratio)
         plate_key, first = split_keys(rng_key, 1)
         program = Program(self.model, self.guide, args, kwargs).with_seeded_plates(plate_key)
         structure = self._structure(program, values, first[0])
@@ -194,7 +203,7 @@ class SUMOMarginal(Evaluator):
 
         def one_replicate(key: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
             terms_key, particles_key = jax.random.split(key)
-            terms = sample_sumo_terms(terms_key, max_terms, structure.sizes)
+            terms = sample_sumo_terms(terms_key, max_terms, structure.sizes, *tail)
             needed = m + jnp.max(terms)
 
             def body(carry: tuple) -> tuple:
@@ -202,7 +211,7 @@ class SUMOMarginal(Evaluator):
                 log_w, chunk_nan = chunk_log_w(
                     particle_keys(particles_key, run.count + jnp.arange(chunk))
                 )
-                run = sumo_update(run, log_w, terms, m)
+                run = sumo_update(run, log_w, terms, m, *tail)
                 return run, {n: nan_data[n] | chunk_nan[n] for n in nan_data}
 
             run, nan_data = jax.lax.while_loop(
@@ -233,18 +242,3 @@ class SUMOMarginal(Evaluator):
             replicates=replicates,
             mean_particles=jnp.mean(counts.astype(jnp.float32)),
         )
-
-
-def expected_particles(min_particles: int = 1, max_terms: int | None = None) -> float:
-    r""":math:`m + \mathbb E[T]`, the expected particles of one SUMO estimate of one
-    element, with :math:`\mathbb E[T] = \sum_{k \ge 1} P(T \ge k)` (about 5.08
-    untruncated, 4.96 at ``max_terms=80``).
-
-    Example:
-        >>> from numpyro_iwae.sumo_evidence import expected_particles
-        >>> round(expected_particles(), 3), round(expected_particles(1, 80), 3)
-        (6.078, 5.965)
-
-    """
-    limit = 2_000 if max_terms is None else max_terms
-    return min_particles + float(jnp.sum(sumo_survival(jnp.arange(1, limit + 1))))

@@ -17,8 +17,12 @@ import optax
 import pytest
 
 from numpyro_iwae import IWELBO, SUMO, SUMOMarginal
-from numpyro_iwae.estimators import sample_sumo_terms, sumo_estimate, sumo_survival
-from numpyro_iwae.sumo_evidence import expected_particles
+from numpyro_iwae.estimators import (
+    expected_sumo_terms,
+    sample_sumo_terms,
+    sumo_estimate,
+    sumo_survival,
+)
 
 
 def test_expected_number_of_terms():
@@ -27,16 +31,33 @@ def test_expected_number_of_terms():
     head = sum(1 / k for k in range(1, 80))
     np.testing.assert_allclose(expected, head + (1 / 80) / (1 - 0.9), rtol=1e-5)
     assert 5.0 < expected < 5.1
+    np.testing.assert_allclose(expected_sumo_terms(), expected, rtol=1e-5)
+    for cap in (1, 3, 79, 80, 81, 200):
+        capped = float(jnp.sum(sumo_survival(jnp.arange(1, cap + 1))))
+        np.testing.assert_allclose(expected_sumo_terms(cap), capped, rtol=1e-5)
+    short = float(jnp.sum(sumo_survival(jnp.arange(1, 2000), 5, 0.7)))
+    np.testing.assert_allclose(expected_sumo_terms(None, 5, 0.7), short, rtol=1e-5)
 
 
-def test_sampler_matches_the_survival_function_it_divides_by():
+@pytest.mark.parametrize("tail", [(80, 0.9), (5, 0.7), (1, 0.5)])
+def test_sampler_matches_the_survival_function_it_divides_by(tail):
     n, max_terms = 400_000, 200
-    t = np.asarray(sample_sumo_terms(jax.random.key(0), max_terms, (n,)))
+    t = np.asarray(sample_sumo_terms(jax.random.key(0), max_terms, (n,), *tail))
     assert t.min() >= 1 and t.max() <= max_terms
-    for k in (1, 2, 3, 5, 10, 40, 79, 80, 81, 100, 120):
-        p = float(sumo_survival(k))
+    for k in (1, 2, 3, 4, 5, 6, 10, 40, 79, 80, 81, 100, 120):
+        p = float(sumo_survival(k, *tail))
         se = math.sqrt(p * (1 - p) / n)
         assert abs((t >= k).mean() - p) <= 3.5 * se + 1e-12, (k, (t >= k).mean(), p)
+
+
+def test_truncation_arguments_are_checked():
+    for tail in ((0, 0.9), (80, 1.0), (80, 0.0), (2.5, 0.9)):
+        with pytest.raises(ValueError, match="tail_"):
+            sumo_survival(3, *tail)
+        with pytest.raises(ValueError, match="tail_"):
+            SUMO(tail_start=tail[0], tail_ratio=tail[1])
+        with pytest.raises(ValueError, match="tail_"):
+            SUMOMarginal(eval_model, shifted_guide, tail_start=tail[0], tail_ratio=tail[1])
 
 
 def test_terms_are_redrawn_inside_jit():
@@ -51,16 +72,17 @@ def test_exact_posterior_gives_log_p_for_every_t():
         np.testing.assert_allclose(sumo_estimate(log_w, t, min_particles=1), -2.5, atol=1e-5)
 
 
-def test_unbiased_for_the_iwae_bound_of_all_particles():
+@pytest.mark.parametrize("tail, t_max", [((80, 0.9), 80), ((5, 0.7), 20)])
+def test_unbiased_for_the_iwae_bound_of_all_particles(tail, t_max):
     # Bounded weights with E[w] = 1 and T_max = 80 (no geometric tail: a light-tailed
     # estimate, so the sample standard error is reliable): E[SUMO] = E[IWAE_81], while
-    # IWAE_1 = E[log w] lies 0.24 below.
-    n, m, t_max = 100_000, 1, 80
+    # IWAE_1 = E[log w] lies 0.24 below. Likewise with a short head and 15 tail terms.
+    n, m = 100_000, 1
 
     def one(key):
         k_w, k_t = jax.random.split(key)
         log_w = jnp.log(jax.random.uniform(k_w, (m + t_max,), minval=0.05, maxval=1.95))
-        sumo = sumo_estimate(log_w, sample_sumo_terms(k_t, t_max), m)
+        sumo = sumo_estimate(log_w, sample_sumo_terms(k_t, t_max, (), *tail), m, *tail)
         return sumo, jax.nn.logsumexp(log_w) - math.log(m + t_max), log_w[0]
 
     keys = jax.random.split(jax.random.key(1), n)
@@ -166,6 +188,30 @@ def test_variance_objective_reduces_the_estimators_variance():
     assert after < 0.2 * before, (before, after)
 
 
+def test_terms_vary_across_steps_of_a_jitted_svi_loop(monkeypatch):
+    # Record T at run time (a debug callback fires per execution, not per trace).
+    import numpyro_iwae.sumo as sumo_module
+
+    seen = []
+
+    def spy(key, max_terms, shape=(), *tail):
+        terms = sample_sumo_terms(key, max_terms, shape, *tail)
+        jax.debug.callback(lambda t: seen.append(np.asarray(t).copy()), terms)
+        return terms
+
+    monkeypatch.setattr(sumo_module, "sample_sumo_terms", spy)
+    svi = SVI(model, guide, optax.adam(0.01), SUMO())
+    state = svi.init(jax.random.key(0), XS, init_params=WIDE)
+    step = jax.jit(lambda s: svi.update(s, XS)[0])
+    traced = len(seen)
+    for _ in range(20):
+        state = step(state)
+    jax.effects_barrier()
+    runs = seen[traced:]
+    assert len(runs) == 20 and all(r.shape == (3,) for r in runs)  # one T per datapoint
+    assert len({tuple(r) for r in runs}) >= 15
+
+
 def test_sumo_refuses_discrete_guides_and_bad_arguments():
     def discrete_model():
         numpyro.sample("z", dist.Bernoulli(0.5))
@@ -260,7 +306,7 @@ def test_evaluator_cost_is_m_plus_the_expected_terms():
     mean_t = p.sum()
     var_t = np.sum((2 * k - 1) * p) - mean_t**2  # E[T^2] = sum (2k - 1) P(T >= k)
     assert abs(float(est.mean_particles) - (m + mean_t)) < 4 * math.sqrt(var_t / r)
-    np.testing.assert_allclose(expected_particles(m, 80), m + mean_t, rtol=1e-5)
+    np.testing.assert_allclose(expected_sumo_terms(80), mean_t, rtol=1e-5)
     assert est.pointwise.shape == (1,)
 
 
