@@ -9,12 +9,14 @@ Public names:
   standard error, the effective sample size and the PSIS k-hat (:class:`LogMarginalEstimate`).
 - :class:`SUMOMarginal`: an estimate of ``log p(x)`` whose expectation is ``log p(x)``
   (SUMO), with a standard error from replicates (:class:`SUMOEstimate`).
+- :func:`shard_particles`: split the particles over the devices of a mesh.
 - :class:`JointWeightsWarning`: issued when the weights are joint over a large plate.
 """
 
 from numpyro_iwae.elbo import IWELBO
 from numpyro_iwae.evidence import LogMarginalEstimate, MarginalLikelihood
 from numpyro_iwae.objectives import CIWAE, MIWAE, PIWAE, RenyiELBO
+from numpyro_iwae.sharding import ShardedParticles, shard_particles
 from numpyro_iwae.sumo import SUMO
 from numpyro_iwae.sumo_evidence import SUMOEstimate, SUMOMarginal
 from numpyro_iwae.wake_sleep import ReweightedWakeSleep
@@ -30,8 +32,10 @@ __all__ = [
     "PIWAE",
     "RenyiELBO",
     "ReweightedWakeSleep",
+    "ShardedParticles",
     "SUMO",
     "SUMOEstimate",
     "SUMOMarginal",
+    "shard_particles",
 ]
 __version__ = "0.1.0"

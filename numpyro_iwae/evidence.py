@@ -278,12 +278,24 @@ class Evaluator:
         params: dict[str, Any] | None = None,
         mutable_state: dict[str, Any] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        vectorize_particles: bool | Callable = True,
     ) -> None:
         self.model = model
         self.guide = guide
         self.params = {} if params is None else dict(params)
         self.mutable_state = {} if mutable_state is None else dict(mutable_state)
         self.memory_budget = check_positive_int(memory_budget, "memory_budget")
+        if vectorize_particles is True:
+            vectorize_particles = _vmap
+        elif vectorize_particles is False:
+            vectorize_particles = _lax_map
+        elif not callable(vectorize_particles):
+            raise ValueError(
+                "`vectorize_particles` must be True (jax.vmap), False (jax.lax.map) or a "
+                f"callable f(fn, xs) such as shard_particles(mesh), got {vectorize_particles!r}."
+            )
+        self._vectorize = vectorize_particles
+        self._data_shards = 1
         self._given_params = params is not None
         self._evaluate = jax.jit(self._evaluate_traced, static_argnums=3)
         self._plate_names: dict[_Static, dict[str, tuple[str, ...]]] = {}
@@ -339,6 +351,9 @@ class Evaluator:
         values = {**self.params, **self.mutable_state}
         Program(self.model, self.guide, args, kwargs).prepare_guide(values, rng_key)
         dynamic, static = _split_static((args, kwargs))
+        # Read while tracing (jit retraces for other input shardings): how many ways
+        # the data are split, so the memory budget is per device.
+        self._data_shards = max([_num_shards(v) for v in dynamic], default=1)
         estimate, nan_data = self._evaluate(rng_key, values, dynamic, static)
         _raise_on_nan_data(nan_data, self._plate_names.get(static, {}))
         return estimate
@@ -351,7 +366,11 @@ class Evaluator:
             return 1
         one, two = (_peak_bytes(jax.make_jaxpr(chunk_log_w)(keys[:c]).jaxpr) for c in (1, 2))
         per_particle = max(two - one, one // 2, 1)
-        return int(min(num_particles, max(1, self.memory_budget // per_particle)))
+        # Per device: the data and (with shard_particles) the particles are split.
+        shards = self._data_shards * getattr(self._vectorize, "num_shards", 1)
+        chunk = int(min(num_particles, max(1, self.memory_budget * shards // per_particle)))
+        self._auto_chunk_used = chunk  # for tests and benchmarks
+        return chunk
 
 
 class MarginalLikelihood(Evaluator):
@@ -393,7 +412,14 @@ class MarginalLikelihood(Evaluator):
         ``chunk_size=None`` (default :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB). The
         size of one particle is the total size of the arrays one particle's
         guide and model computations create, an upper bound on what they keep
-        alive at once.
+        alive at once. The budget is per device: when the data are placed on
+        several devices (a :class:`~jax.sharding.NamedSharding` over the plate's
+        axis) or the particles split with ``vectorize_particles``, each device holds
+        its share of a chunk, and the chunk grows by the number of shards.
+    :param vectorize_particles: how the particles of a chunk are mapped: ``True``
+        for :func:`jax.vmap` (default), ``False`` for :func:`jax.lax.map`, or a
+        callable ``f(fn, xs)`` such as :func:`~numpyro_iwae.shard_particles` to
+        split them over devices.
     :param num_samples: S, posterior samples to draw by importance resampling:
         each of S draws picks particle k with probability :math:`\tilde w_k`,
         separately per plate element (with replacement, streamed across chunks).
@@ -454,9 +480,15 @@ class MarginalLikelihood(Evaluator):
         num_samples: int = 0,
         return_log_weights: bool = False,
         num_global_particles: int | None = None,
+        vectorize_particles: bool | Callable = True,
     ) -> None:
         super().__init__(
-            model, guide, params=params, mutable_state=mutable_state, memory_budget=memory_budget
+            model,
+            guide,
+            params=params,
+            mutable_state=mutable_state,
+            memory_budget=memory_budget,
+            vectorize_particles=vectorize_particles,
         )
         self.num_particles = check_positive_int(num_particles, "num_particles")
         if chunk_size is not None:
@@ -494,7 +526,7 @@ class MarginalLikelihood(Evaluator):
         structure = self._structure(program, values, keys[0])
 
         def chunk_log_w(chunk_keys: jax.Array) -> tuple[jax.Array, dict, dict]:
-            draw, model_fn = draw_with_keys(program, values, chunk_keys, _vmap, structure)
+            draw, model_fn = draw_with_keys(program, values, chunk_keys, self._vectorize, structure)
             log_p, output = model_fn(draw.values, values)
             log_w = nan_to_neginf(log_p[0] - draw.log_q_rep[0] - draw.log_q_score[0])
             return log_w, draw.values, output.nan_data
@@ -560,7 +592,7 @@ class MarginalLikelihood(Evaluator):
 
         def chunk_log_w(global_key: jax.Array, chunk_keys: jax.Array) -> tuple:
             prog = replace(program, global_key=global_key)
-            draw, model_fn = draw_with_keys(prog, values, chunk_keys, _vmap, structure)
+            draw, model_fn = draw_with_keys(prog, values, chunk_keys, self._vectorize, structure)
             log_p, output = model_fn(draw.values, {**values, **draw.global_values})
             parts = zip(log_p, draw.log_q_rep, draw.log_q_score)
             log_w = tuple(nan_to_neginf(p - q - s) for p, q, s in parts)
@@ -754,3 +786,16 @@ def _split_static(tree: Any) -> tuple[list, _Static]:
 
 def _vmap(fn: Callable, xs: Any) -> Any:
     return jax.vmap(fn)(xs)
+
+
+def _lax_map(fn: Callable, xs: Any) -> Any:
+    return jax.lax.map(fn, xs)
+
+
+def _num_shards(x: Any) -> int:
+    """Into how many pieces an array is split across devices (1 if replicated)."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or not hasattr(sharding, "shard_shape") or not np.ndim(x):
+        return 1
+    shard = sharding.shard_shape(np.shape(x))
+    return max(1, math.prod(np.shape(x)) // max(1, math.prod(shard)))

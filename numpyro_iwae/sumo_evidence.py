@@ -22,7 +22,7 @@ from numpyro_iwae.estimators import (
     sumo_survival,
     sumo_update,
 )
-from numpyro_iwae.evidence import DEFAULT_MEMORY_BUDGET, Evaluator, _Static, _vmap
+from numpyro_iwae.evidence import DEFAULT_MEMORY_BUDGET, Evaluator, _Static
 from numpyro_iwae.weights import Program, draw_with_keys, split_keys
 
 __all__ = ["SUMOEstimate", "SUMOMarginal"]
@@ -115,6 +115,7 @@ class SUMOMarginal(Evaluator):
     :param chunk_size: particles per chunk; ``None``: 16, or fewer if one chunk's
         arrays would exceed ``memory_budget``.
     :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood`.
+    :param vectorize_particles: as for :class:`~numpyro_iwae.MarginalLikelihood`.
 
     Example:
         >>> import jax, numpyro, numpyro.distributions as dist
@@ -145,9 +146,15 @@ class SUMOMarginal(Evaluator):
         tail_ratio: float = SUMO_TAIL_RATIO,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        vectorize_particles: bool | Callable = True,
     ) -> None:
         super().__init__(
-            model, guide, params=params, mutable_state=mutable_state, memory_budget=memory_budget
+            model,
+            guide,
+            params=params,
+            mutable_state=mutable_state,
+            memory_budget=memory_budget,
+            vectorize_particles=vectorize_particles,
         )
         self.min_particles = check_positive_int(min_particles, "min_particles")
         if max_terms is not None:
@@ -180,7 +187,7 @@ class SUMOMarginal(Evaluator):
         structure = self._structure(program, values, first[0])
 
         def chunk_log_w(keys: jax.Array) -> tuple[jax.Array, dict]:
-            draw, model_fn = draw_with_keys(program, values, keys, _vmap, structure)
+            draw, model_fn = draw_with_keys(program, values, keys, self._vectorize, structure)
             log_p, output = model_fn(draw.values, values)
             log_w = nan_to_neginf(log_p[0] - draw.log_q_rep[0] - draw.log_q_score[0])
             nan_data = {n: jnp.any(v, axis=0) for n, v in output.nan_data.items()}
