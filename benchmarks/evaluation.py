@@ -22,41 +22,24 @@ import subprocess
 import sys
 import textwrap
 
+from burda_vae import child_env
+
 HERE = Path(__file__).resolve().parent
 
 CHILD = textwrap.dedent(
     """
     import json, math, sys, time
     import jax, jax.numpy as jnp, numpy as np
-    from jax.example_libraries import stax
-    import numpyro, numpyro.distributions as dist
+    import numpyro.distributions as dist
+    from burda_vae import build
     from numpyro_iwae import MarginalLikelihood
 
     mode, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     chunk = None if sys.argv[4] == "auto" else int(sys.argv[4])
 
-    def mlp(out):
-        return stax.serial(stax.Dense(200), stax.Tanh, stax.Dense(200), stax.Tanh, stax.Dense(out))
-
-    enc_init, enc_apply = mlp(100)
-    dec_init, dec_apply = mlp(784)
-    _, enc = enc_init(jax.random.key(1), (1, 784))
-    _, dec = dec_init(jax.random.key(2), (1, 50))
-
-    def model(x):
-        d = numpyro.module("decoder", (dec_init, dec_apply), (1, 50))
-        with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([50]).to_event(1))
-            numpyro.sample("x", dist.Bernoulli(logits=d(z)).to_event(1), obs=x)
-
-    def guide(x):
-        e = numpyro.module("encoder", (enc_init, enc_apply), (1, 784))
-        h = e(x)
-        with numpyro.plate("data", x.shape[0]):
-            numpyro.sample("z", dist.Normal(h[:, :50], jnp.exp(h[:, 50:])).to_event(1))
+    model, guide, params, (enc_apply, enc), (dec_apply, dec) = build()
 
     x = jnp.asarray((np.random.default_rng(0).random((n, 784)) < 0.2).astype(np.float32))
-    params = {"decoder$params": dec, "encoder$params": enc}
 
     def hand_log_w(key, x):
         h = enc_apply(enc, x)
@@ -121,6 +104,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 def run(mode: str, n: int, k: int, chunk: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, mode, str(n), str(k), str(chunk)],
+        env=child_env(),
         capture_output=True,
         text=True,
     )
