@@ -10,17 +10,20 @@ machine the real devices, up to D). The network is the IWAE paper's 784-200-200-
   NamedSharding over the plate's axis (data parallelism), the chunk chosen by the memory
   budget per device; and the same with the particles of each chunk split by
   shard_particles (particle parallelism);
-- training: one jitted SVI step of IWELBO(50) on a batch of 100, particles split by
-  shard_particles, and data split by a sharded batch.
+- training: one jitted SVI step of IWELBO(50) on a batch of 96 (divisible by 8),
+  particles split by shard_particles, and data split by a sharded batch.
 
 Every row reports the estimate or loss, so equality across device counts is visible, the
-time (median of repeats after a compiling call) and the process's peak resident memory.
+time (median of 3 evaluations or 30 steps after a compiling call), the process's peak
+resident memory, and XLA's temporary memory per device of the compiled evaluation at a
+fixed chunk.
+
 On a CPU machine the host devices share its cores: with 2 cores, 8 devices cannot be
 faster than 2, and memory is one process's for all devices. What it shows there is
 that the numbers agree, that the chunk grows with the devices under a per-device
 budget, and what splitting costs.
 
-Run:  python benchmarks/scaling.py            (about 4 minutes on 2 CPU cores)
+Run:  python benchmarks/scaling.py            (about 2 minutes on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ CHILD = textwrap.dedent(
     on_mesh = NamedSharding(mesh, P("d"))
     x_split = jax.device_put(x, on_mesh)
 
-    def timed(fn):
+    def timed(fn, repeats=repeats):
         out = fn()
         jax.block_until_ready(out)  # compiles
         times = []
@@ -85,16 +88,35 @@ CHILD = textwrap.dedent(
             "points_per_s": n / seconds,
         })
 
-    batch = x[:100]
+    # Per-device memory of the compiled evaluation at a fixed chunk of 100 particles:
+    # XLA's own accounting of the SPMD program each device runs.
+    from numpyro_iwae.evidence import _split_static
+    for mode in ("data", "particles"):
+        vec = shard_particles(mesh) if mode == "particles" else True
+        data = x_split if mode == "data" else x
+        ml = MarginalLikelihood(
+            model, guide, params=params, num_particles=k, chunk_size=100,
+            vectorize_particles=vec,
+        )
+        dynamic, static = _split_static(((data,), {}))
+        compiled = ml._evaluate.lower(jax.random.key(0), params, dynamic, static).compile()
+        memory = compiled.memory_analysis()
+        rows.append({
+            "task": "memory", "mode": mode, "devices": devices, "n": n, "k": k, "chunk": 100,
+            "temp_mib_per_device": memory.temp_size_in_bytes / 2**20,
+            "seconds": float("nan"),
+        })
+
+    batch = x[:96]  # divisible by 1, 2 and 8 devices
     for mode in ("particles", "data"):
         vec = shard_particles(mesh) if mode == "particles" else True
         data = batch if mode == "particles" else jax.device_put(batch, on_mesh)
         svi = SVI(model, guide, optax.adam(1e-3), IWELBO(50, vectorize_particles=vec))
         state = svi.init(jax.random.key(0), data)
         update = jax.jit(svi.update)
-        (state2, loss), seconds = timed(lambda: update(state, data))
+        (state2, loss), seconds = timed(lambda: update(state, data), 10 * repeats)
         rows.append({
-            "task": "step", "mode": mode, "devices": devices, "batch": 100, "k": 50,
+            "task": "step", "mode": mode, "devices": devices, "batch": 96, "k": 50,
             "loss": float(loss), "seconds": seconds,
         })
     with open("/proc/self/status") as f:
@@ -136,15 +158,16 @@ def main(argv=None) -> dict:
     for d in args.devices:
         rows += run(d, args.n, args.k, args.repeats, args.budget, args.gpu)
     print(f"load average at start {load:.2f}")
-    header = ("task", "mode", "devices", "value", "seconds", "chunk", "RSS GiB")
-    widths = (-9, -10, 8, 14, 9, 7, 9)
+    header = ("task", "mode", "devices", "value", "seconds", "chunk", "RSS GiB", "temp MiB/dev")
+    widths = (-9, -10, 8, 14, 9, 7, 9, 13)
     print("".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths)))
     for r in rows:
-        value = r.get("log_marginal", r.get("loss"))
+        value = r.get("log_marginal", r.get("loss", float("nan")))
         chunk = r.get("chunk", "")
+        temp = r.get("temp_mib_per_device", float("nan"))
         print(
             f"{r['task']:<9}{r['mode']:<10}{r['devices']:>8}{value:>14.3f}{r['seconds']:>9.3f}"
-            f"{chunk!s:>7}{r['peak_rss_gib']:>9.2f}"
+            f"{chunk!s:>7}{r['peak_rss_gib']:>9.2f}{temp:>13.1f}"
         )
     result = {"load_average": load, "config": {k: str(v) for k, v in vars(args).items()}}
     result["rows"] = rows
