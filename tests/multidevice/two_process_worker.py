@@ -6,58 +6,51 @@ difference."""
 import os
 import sys
 
-process_id, port = int(sys.argv[1]), sys.argv[2]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
-import jax  # noqa: E402
+def main(process_id: int, port: str) -> None:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
 
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-import numpy as np  # noqa: E402
-import numpyro  # noqa: E402
-import numpyro.distributions as dist  # noqa: E402
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
 
-from numpyro_iwae import IWELBO, shard_particles  # noqa: E402
+    from numpyro_iwae import IWELBO, shard_particles
 
-X = jnp.linspace(-2.0, 2.0, 16)
+    x = jnp.linspace(-2.0, 2.0, 16)
+
+    def model(x):
+        mu0 = numpyro.param("mu0", 0.2)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(mu0, 1.0))
+            numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        loc = numpyro.param("loc", x / 2 + 0.3)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(loc, 0.9))
+
+    def value_and_grad(elbo, params):
+        fn = lambda p: elbo.loss(jax.random.key(3), p, model, guide, x)  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn))(params)
+
+    params = {"mu0": 0.2, "loc": x / 2 + 0.3}
+    mesh = Mesh(np.array(jax.devices()), ("particles",))
+    loss, grads = value_and_grad(IWELBO(13, vectorize_particles=shard_particles(mesh)), params)
+    local = jax.local_devices()[0]
+    plain_loss, plain_grads = value_and_grad(IWELBO(13), jax.device_put(params, local))
+    diff = max(
+        float(np.max(np.abs(np.asarray(grads[n].addressable_shards[0].data) - plain_grads[n])))
+        for n in params
+    )
+    loss_here = float(loss.addressable_shards[0].data)
+    print("RESULT", jax.process_count(), jax.device_count(), loss_here, float(plain_loss), diff)
 
 
-def model(x):
-    mu0 = numpyro.param("mu0", 0.2)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Normal(mu0, 1.0))
-        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide(x):
-    loc = numpyro.param("loc", x / 2 + 0.3)
-    with numpyro.plate("data", x.shape[0]):
-        numpyro.sample("z", dist.Normal(loc, 0.9))
-
-
-def value_and_grad(elbo, params):
-    fn = lambda p: elbo.loss(jax.random.key(3), p, model, guide, X)  # noqa: E731
-    return jax.jit(jax.value_and_grad(fn))(params)
-
-
-params = {"mu0": 0.2, "loc": X / 2 + 0.3}
-mesh = Mesh(np.array(jax.devices()), ("particles",))
-loss, grads = value_and_grad(IWELBO(13, vectorize_particles=shard_particles(mesh)), params)
-local = jax.local_devices()[0]
-plain_loss, plain_grads = value_and_grad(IWELBO(13), jax.device_put(params, local))
-diff = max(
-    float(np.max(np.abs(np.asarray(grads[n].addressable_shards[0].data) - plain_grads[n])))
-    for n in params
-)
-print(
-    "RESULT",
-    jax.process_count(),
-    jax.device_count(),
-    float(loss.addressable_shards[0].data),
-    float(plain_loss),
-    diff,
-    flush=True,
-)
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])
