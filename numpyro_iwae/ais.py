@@ -64,8 +64,7 @@ class AISResult(NamedTuple):
 def ais_log_weights(
     key: jax.Array,
     u0: Any,
-    log_q: Callable[[Any], jax.Array],
-    log_p: Callable[[Any], jax.Array],
+    log_densities: Callable[[Any], tuple[jax.Array, jax.Array]],
     betas: jax.Array,
     step_sizes: jax.Array,
     num_leapfrog: int,
@@ -99,9 +98,9 @@ def ais_log_weights(
 
     :param key: a PRNG key.
     :param u0: the initial state, a pytree of unconstrained values drawn from q.
-    :param log_q: :math:`\log q(u)` per element (the proposal, including the
-        Jacobian of the map to unconstrained space).
-    :param log_p: :math:`\log p(u)` per element (the unnormalized target, likewise).
+    :param log_densities: ``u -> (log q(u), log p(u))`` per element: the proposal
+        and the unnormalized target, each including the Jacobian of the map to
+        unconstrained space (one function, so a model evaluated once gives both).
     :param betas: the schedule :math:`\beta_0 = 0, \dots, \beta_T = 1`
         (e.g. :func:`sigmoid_schedule`).
     :param step_sizes: HMC step sizes, see above.
@@ -112,13 +111,18 @@ def ais_log_weights(
     :param adapt: adapt the step sizes along the run (for a pilot run).
     """
     num_steps = betas.shape[0] - 1
-    log_ratio = lambda u: log_p(u) - log_q(u)  # noqa: E731
+
+    def log_ratio(u: Any) -> jax.Array:
+        log_q, log_p = log_densities(u)
+        return log_p - log_q
+
     log_w = (betas[1] - betas[0]) * log_ratio(u0)
     elements = jnp.shape(log_w)
     step_sizes = jnp.broadcast_to(step_sizes, (max(num_steps - 1, 1), *elements))
 
     def log_gamma(u: Any, beta: jax.Array) -> jax.Array:
-        return (1.0 - beta) * log_q(u) + beta * log_p(u)
+        log_q, log_p = log_densities(u)
+        return (1.0 - beta) * log_q + beta * log_p
 
     def transition(carry: tuple, xs: tuple) -> tuple[tuple, tuple]:
         u, log_w, eps_prev, acc_prev = carry

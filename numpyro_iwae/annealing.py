@@ -1,0 +1,110 @@
+r"""The NumPyro side of annealed importance sampling: a guide's random draws as an
+unconstrained state, and the per-element log densities that :mod:`numpyro_iwae.ais`
+anneals between.
+
+The state is the guide's *random* draws (for ``AutoNormal`` the latent sites, for an
+``AutoContinuous`` guide its auxiliary ``_auto_latent``), each mapped to unconstrained
+space. Running the guide with them substituted gives the model's values (its ``Delta``
+sites recomputed) and :math:`\log q` of the draws; so with :math:`J` the Jacobian of the
+map from unconstrained space,
+
+.. math::
+
+    \log \gamma_0(u) = \log q_{\mathrm{draws}}(s(u)) + \log |J(u)|, \qquad
+    \log \gamma_T(u) = \log p(x, z(u)) - \log q_{\mathrm{rest}}(u) + \log |J(u)|,
+
+where :math:`q_{\mathrm{rest}}` holds the guide's other sites (a ``Delta`` site's
+``log_density``, observed and factor sites). Their difference is the importance log
+weight :math:`\log p(x, z) - \log q(z)` of :class:`~numpyro_iwae.MarginalLikelihood`, so
+with no annealing steps AIS is importance sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from numpyro.distributions.transforms import biject_to
+
+from numpyro_iwae.estimators import plate_layout
+from numpyro_iwae.plates import PlateStructure, accumulate, sample_sites, to_plates
+from numpyro_iwae.weights import Program, _draw_data, _is_delta, _model_stage
+
+__all__ = ["AnnealedDensity"]
+
+
+class AnnealedDensity:
+    """Per-particle functions for :func:`~numpyro_iwae.ais.ais_log_weights` from a
+    model/guide pair: the initial state, the two log densities per plate element, and
+    the per-element sum and layout of a state-shaped tree.
+
+    :param program: model, guide and their arguments, plates already seeded.
+    :param values: the fitted params and mutable state.
+    :param structure: the plate structure (joint weighting: one group).
+    :param key: a key for a prototype run of the guide.
+    :raises ValueError: if a random draw of the guide is discrete.
+    """
+
+    def __init__(
+        self, program: Program, values: Mapping[str, Any], structure: PlateStructure, key
+    ) -> None:
+        self.program, self.values, self.structure = program, dict(values), structure
+        tr = program.trace_guide(self.values, key)
+        self.sites = {
+            name: site
+            for name, site in sample_sites(tr).items()
+            if not site["is_observed"] and not _is_delta(site["fn"])
+        }
+        discrete = sorted(n for n, s in self.sites.items() if s["fn"].support.is_discrete)
+        if discrete:
+            raise ValueError(
+                f"Annealing moves the guide's draws by Hamiltonian Monte Carlo, but "
+                f"{discrete} are discrete; use annealing_steps=0 (importance sampling)."
+            )
+        self.transforms = {n: biject_to(s["fn"].support) for n, s in self.sites.items()}
+
+    def init(self, key: jax.Array) -> dict[str, jax.Array]:
+        """One particle's draws from the guide, in unconstrained space."""
+        tr = self.program.trace_guide(self.values, key)
+        return {n: t.inv(tr[n]["value"]) for n, t in self.transforms.items()}
+
+    def log_densities(self, u: dict[str, jax.Array], key: jax.Array) -> tuple:
+        r"""``(log γ_0(u), log γ_T(u))`` per plate element (see the module)."""
+        draws = {n: t(u[n]) for n, t in self.transforms.items()}
+        guide_key, model_key = jax.random.split(key)
+        tr = self.program.trace_guide({**self.values, **draws}, guide_key)
+        sites = list(sample_sites(tr).values())
+        log_q_draws = accumulate([s for s in sites if s["name"] in draws], self.structure)[0]
+        log_q_rest = accumulate([s for s in sites if s["name"] not in draws], self.structure)[0]
+        jacobian = self.element_sum(
+            {n: t.log_abs_det_jacobian(u[n], draws[n]) for n, t in self.transforms.items()},
+            event_reduced=True,
+        )
+        log_p, _ = _model_stage(
+            self.program, self.values, model_key, self.structure, _draw_data(tr)
+        )
+        return log_q_draws + jacobian, log_p[0] - log_q_rest + jacobian
+
+    def element_sum(self, tree: dict[str, jax.Array], event_reduced: bool = False) -> jax.Array:
+        """Sum a tree shaped like the state (or, with ``event_reduced``, like its batch
+        shapes) to one value per plate element.
+        """
+        total = self.structure.zeros()[0]
+        for name, x in tree.items():
+            if not event_reduced:
+                event = self.transforms[name].domain.event_dim
+                x = jnp.sum(x, axis=tuple(range(jnp.ndim(x) - event, jnp.ndim(x))))
+            total = total + to_plates(x, self.sites[name], self.structure, jnp.sum)
+        return total
+
+    def element_expand(self, x: jax.Array, tree: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Lay a per-element array out against every leaf of a state-shaped tree."""
+        out = {}
+        for name, leaf in tree.items():
+            frames = {f.name: f for f in self.sites[name]["cond_indep_stack"]}
+            batch = jnp.ndim(leaf) - self.transforms[name].domain.event_dim
+            axes = tuple(batch + frames[p].dim for p in self.structure.names)
+            out[name] = plate_layout(jnp.asarray(x)[None], jnp.ndim(leaf), axes)[0]
+        return out
