@@ -87,6 +87,14 @@ class AnnealedDensity:
         )
         return log_q_draws + jacobian, log_p[0] - log_q_rest + jacobian
 
+    def values_at(self, u: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+        """The model's latent values at state ``u`` (the guide run with the draws
+        substituted), for importance resampling of the final states.
+        """
+        draws = {n: t(u[n]) for n, t in self.transforms.items()}
+        tr = self.program.trace_guide({**self.values, **draws}, jax.random.split(key)[0])
+        return _draw_data(tr)[0]
+
     def element_sum(self, tree: dict[str, jax.Array], event_reduced: bool = False) -> jax.Array:
         """Sum a tree shaped like the state (or, with ``event_reduced``, like its batch
         shapes) to one value per plate element.

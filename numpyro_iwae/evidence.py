@@ -459,8 +459,9 @@ class MarginalLikelihood(Evaluator):
         and :math:`\hat k` read as for importance sampling, but a poor guide no longer
         leaves them heavy-tailed. Cost: about T (``leapfrog_steps`` + 3) evaluations
         of model and guide (gradients counted as one) per particle. 0 (default):
-        importance sampling. Discrete guide draws are refused; not yet available
-        with ``num_global_particles`` or ``num_samples``.
+        importance sampling. With ``num_samples`` the runs' final states are
+        resampled by their weights. Discrete guide draws are refused; not yet
+        available with ``num_global_particles``.
     :param leapfrog_steps: leapfrog steps per HMC transition (default 5).
     :param step_size: the initial HMC step size (default 0.1); a pilot run of
         ``pilot_particles`` adapts it per transition and per plate element towards
@@ -538,10 +539,10 @@ class MarginalLikelihood(Evaluator):
             raise ValueError(f"step_size must be positive, got {step_size!r}.")
         self.step_size = float(step_size)
         self.pilot_particles = check_positive_int(pilot_particles, "pilot_particles")
-        if self.annealing_steps and (num_global_particles is not None or self.num_samples):
+        if self.annealing_steps and num_global_particles is not None:
             raise ValueError(
-                "annealing_steps is not yet available with num_global_particles or "
-                "num_samples; use importance sampling (annealing_steps=0) for those."
+                "annealing_steps is not yet available with num_global_particles; use "
+                "importance sampling (annealing_steps=0) for the nested estimator."
             )
 
     def __call__(self, rng_key: jax.Array, *args: Any, **kwargs: Any) -> LogMarginalEstimate:
@@ -652,9 +653,15 @@ class MarginalLikelihood(Evaluator):
         pilot = jax.vmap(lambda k: one(k, jnp.float32(self.step_size), True))(pilot_keys)
         step_sizes = jnp.exp(jnp.mean(jnp.log(pilot.step_sizes), axis=0))
 
+        def kept(pair: jax.Array) -> tuple[jax.Array, dict]:
+            out = one(pair, step_sizes, False)
+            # The final states, for importance resampling: approximately from the
+            # posterior, weighted by their AIS weights.
+            return out.log_w, density.values_at(out.u, pair[0])
+
         def chunk_log_w(chunk_keys: jax.Array) -> tuple[jax.Array, dict, dict]:
-            out = self._vectorize(lambda k: one(k, step_sizes, False), chunk_keys)
-            return nan_to_neginf(out.log_w), {}, nan_data
+            log_w, draws = self._vectorize(kept, chunk_keys)
+            return nan_to_neginf(log_w), draws, nan_data
 
         return chunk_log_w
 

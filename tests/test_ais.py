@@ -220,6 +220,20 @@ def test_annealing_refuses_discrete_draws_and_unsupported_combinations():
     with pytest.raises(ValueError, match="discrete"):
         MarginalLikelihood(mixture, mixture_guide, annealing_steps=3)(jax.random.key(0), X)
     with pytest.raises(ValueError, match="annealing_steps"):
-        MarginalLikelihood(model, guide, annealing_steps=3, num_samples=5)
+        MarginalLikelihood(model, guide, annealing_steps=3, num_global_particles=5)
     with pytest.raises(ValueError, match="annealing_steps"):
         MarginalLikelihood(model, guide, annealing_steps=-1)
+
+
+def test_annealed_final_states_resample_to_the_posterior():
+    # Posterior N(x/2, 1/2) per datapoint; the guide is 1.1 posterior s.d. off. The
+    # resampled final states' mean must be within 4 of its standard errors (posterior
+    # s.d. over the root of the element's ESS, the resampling's effective size).
+    x = X[::4]
+    ml = MarginalLikelihood(model, guide, num_particles=100, annealing_steps=20, num_samples=400)
+    est = ml(jax.random.key(5), x)
+    z = np.asarray(est.samples["z"], np.float64)
+    assert z.shape == (400, 10)
+    se = math.sqrt(0.5) / np.sqrt(np.asarray(est.ess, np.float64))
+    assert np.all(np.abs(z.mean(0) - np.asarray(x) / 2) < 4 * se), (z.mean(0) - x / 2, se)
+    assert abs(z.std(0).mean() - math.sqrt(0.5)) < 0.1
