@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+import optax
 import pytest
 
 from numpyro_iwae import MarginalLikelihood
@@ -237,3 +239,36 @@ def test_annealed_final_states_resample_to_the_posterior():
     se = math.sqrt(0.5) / np.sqrt(np.asarray(est.ess, np.float64))
     assert np.all(np.abs(z.mean(0) - np.asarray(x) / 2) < 4 * se), (z.mean(0) - x / 2, se)
     assert abs(z.std(0).mean() - math.sqrt(0.5)) < 0.1
+
+
+def test_annealing_a_flow_guide():
+    # AutoIAFNormal: an auxiliary latent pushed through an autoregressive flow.
+    x = X[:3]
+    auto = AutoIAFNormal(model, num_flows=1, hidden_dims=[8])
+    svi = SVI(model, auto, optax.adam(0.0), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.key(0), x))
+    # T = 10 was too short here (-0.81 +- 0.20 with k-hat 0.41); T = 50 and 200 gave
+    # 0.03 +- 0.11 and 0.001 +- 0.08 (importance sampling, K = 100,000: -0.61 +- 0.14).
+    est = MarginalLikelihood(model, auto, params=params, num_particles=100, annealing_steps=50)(
+        jax.random.key(6), x
+    )
+    exact = float(jnp.sum(dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)))
+    assert abs(float(est.log_marginal) - exact) < 3 * float(est.stderr) + 1e-3
+
+
+def test_annealing_memory_grows_with_the_particles_only_as_importance_sampling_does():
+    # Streamed like importance sampling: beyond one chunk, the compiled evaluation holds
+    # only the particles' keys (about 250 bytes a particle, whatever the data), and
+    # annealing adds nothing per particle to that.
+    from numpyro_iwae.evidence import _split_static
+
+    def temp_bytes(k, steps):
+        ml = MarginalLikelihood(model, guide, num_particles=k, annealing_steps=steps, chunk_size=10)
+        dynamic, static = _split_static(((X,), {}))
+        compiled = ml._evaluate.lower(jax.random.key(0), {}, dynamic, static).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    growth_is = temp_bytes(4000, 0) - temp_bytes(400, 0)
+    growth_ais = temp_bytes(4000, 3) - temp_bytes(400, 3)
+    assert growth_ais <= 1.05 * growth_is + 4096, (growth_is, growth_ais)
+    assert growth_is < 400 * 3600  # far below the 3600 x 40 floats the particles' weights take
