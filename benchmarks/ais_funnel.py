@@ -13,13 +13,12 @@ Run:  python benchmarks/ais_funnel.py        (about 80 seconds on 2 CPU cores)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 from pathlib import Path
-import sys
 import time
 
+from examples_loader import load_example
 import jax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
@@ -30,15 +29,6 @@ from numpyro_iwae import IWELBO, MarginalLikelihood
 HERE = Path(__file__).resolve().parent
 
 
-def load_funnel():
-    path = HERE.parent / "examples" / "funnel.py"
-    spec = importlib.util.spec_from_file_location("funnel_example", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.funnel
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fit-steps", type=int, default=3000)
@@ -47,7 +37,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--leapfrog", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "ais_funnel.json")
     args = parser.parse_args(argv)
-    funnel = load_funnel()
+    funnel = load_example("funnel").funnel
     load = os.getloadavg()[0]
     rows = []
     for name, elbo in (

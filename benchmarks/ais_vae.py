@@ -19,14 +19,13 @@ Run:  python benchmarks/ais_vae.py --params PATH --data ../shared/data   (about 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 from pathlib import Path
-import sys
 import time
 
+from examples_loader import load_example
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,15 +34,6 @@ from numpyro_iwae import MarginalLikelihood
 from numpyro_iwae.evidence import _split_static
 
 HERE = Path(__file__).resolve().parent
-
-
-def load_vae_example():
-    path = HERE.parent / "examples" / "vae.py"
-    spec = importlib.util.spec_from_file_location("vae_example", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def score(model, guide, params, x, key, k: int, steps: int, leapfrog: int) -> dict:
@@ -86,7 +76,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "ais_vae.json")
     args = parser.parse_args(argv)
-    vae = load_vae_example()
+    vae = load_example("vae")
     data = vae.load_mnist(args.data, "static", seed=args.seed)
     x = jnp.asarray(vae.random_rows(data.test, args.images, args.seed + 1))
     model, guide = vae.make_vae(vae.ARCHITECTURES[args.layers])

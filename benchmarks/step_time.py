@@ -21,17 +21,16 @@ Run:  python benchmarks/step_time.py            (writes benchmarks/results.json)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 from pathlib import Path
 import platform
 import statistics
-import sys
 import time
 from unittest import mock
 
+from examples_loader import load_example
 import jax
 import jax.numpy as jnp
 import numpyro
@@ -43,7 +42,6 @@ import optax
 from numpyro_iwae import IWELBO, weights
 
 HERE = Path(__file__).resolve().parent
-EXAMPLES = HERE.parent / "examples"
 
 
 # ---------------------------------------------------------------- machine rate
@@ -71,16 +69,7 @@ def matmul_gflops(n: int | None = None, repeats: int = 10, precision=None) -> fl
 # ---------------------------------------------------------------- the VAE
 
 
-def _load_example(name: str):
-    """An example script as a module (the benchmark times the example's own networks)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-vae_example = _load_example("vae")
+vae_example = load_example("vae")
 PIXELS = vae_example.PIXELS
 
 

@@ -22,12 +22,12 @@ Run:  python benchmarks/vae_budget.py --minutes 5            (about 75 minutes, 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 import subprocess
 import sys
 
+from examples_loader import load_example
 import jax
 import numpy as np
 
@@ -96,7 +96,7 @@ def convergence(out: Path, data: Path, binarization: str, images: int = 1000) ->
     """The K-particle bound for K = 1 .. 5000 on ``images`` evenly spaced test images,
     from groups of K of one K = 5000 evaluation, for every fit in ``out``: how far
     the K = 5000 estimate has converged (writes ``<tag>_convergence.json``)."""
-    vae = _load_example("vae")
+    vae = load_example("vae")
     test = vae.load_mnist(data, binarization).test
     x = jax.numpy.asarray(test[np.linspace(0, len(test) - 1, images).astype(int)])
     for path in sorted(out.glob("vae_l*_static.json")) + sorted(out.glob("vae_l*_dynamic.json")):
@@ -116,16 +116,6 @@ def convergence(out: Path, data: Path, binarization: str, images: int = 1000) ->
             bounds[str(k)] = float(iwae_bound(groups).mean())
         target.write_text(json.dumps({"tag": r["tag"], "images": images, "bounds": bounds}))
         print(f"{path.stem}: " + ", ".join(f"L_{k} = {v:.2f}" for k, v in bounds.items()))
-
-
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", ROOT / "examples" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def load(out: Path, layers: int, label: str, binarization: str) -> dict | None:
