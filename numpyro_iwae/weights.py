@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 import os
 import sys
 from typing import Any, NamedTuple
@@ -791,7 +792,10 @@ def draw_with_keys(
         return _map_particles(vectorize, one, inputs)
 
     shared_params = bool(structure.model_param_sites or structure.global_sites)
-    safe = zero_weight_safe(model_fn, structure.value_axes, shared_params, structure.value_groups)
+    group_shapes = tuple(structure.group_shape(g) for g in range(structure.num_groups))
+    safe = zero_weight_safe(
+        model_fn, structure.value_axes, shared_params, structure.value_groups, group_shapes
+    )
     return draw, safe
 
 
@@ -799,11 +803,53 @@ def _float_leaves(tree: Any) -> list[jax.Array]:
     return [g for g in jax.tree.leaves(tree) if jnp.issubdtype(g.dtype, jnp.inexact)]
 
 
+def _zero_dead_values(g_values: dict, dead: dict, axes: dict, groups: dict) -> dict[str, jax.Array]:
+    """The values' cotangents with the dead particles' entries set to 0 (``dead``:
+    per group, ``(K, *plates)`` booleans).
+    """
+    out = {}
+    for name, g in g_values.items():
+        if g.dtype == jax.dtypes.float0:  # integer values: no cotangent
+            out[name] = g
+        else:
+            ndim, ax = axes[name]
+            mask = plate_layout(dead[groups.get(name, 0)], ndim, ax)
+            out[name] = jnp.where(mask, 0.0, g).astype(g.dtype)
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tag_values(layout: tuple, values: dict, carriers: tuple) -> tuple[dict, tuple]:
+    """The identity on ``(values, carriers)``. The carriers are zeros added to each
+    group's ``log p``, so their cotangent is the one reaching ``log p``; the backward
+    pass, which receives it together with the values' cotangents, zeroes the dead
+    particles' entries in the latter. ``layout``: ``(value_axes, value_groups)``.
+    """
+    return values, carriers
+
+
+def _tag_values_fwd(layout: tuple, values: dict, carriers: tuple) -> tuple[tuple, None]:
+    return (values, carriers), None
+
+
+def _tag_values_bwd(layout: tuple, _: None, cotangent: tuple) -> tuple[dict, tuple]:
+    g_values, g_carriers = cotangent
+    value_axes, value_groups = layout
+    axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
+    groups = dict(value_groups)
+    dead = {g: c == 0 for g, c in enumerate(g_carriers)}
+    return _zero_dead_values(g_values, dead, axes, groups), g_carriers
+
+
+_tag_values.defvjp(_tag_values_fwd, _tag_values_bwd)
+
+
 def zero_weight_safe(
     model_fn: ModelFn,
     value_axes: tuple,
     shared_params: bool,
     value_groups: tuple[tuple[str, int], ...] = (),
+    group_shapes: tuple[tuple[int, ...], ...] | None = None,
 ) -> ModelFn:
     r"""``model_fn`` whose gradient gets nothing from a particle of weight zero.
 
@@ -830,6 +876,11 @@ def zero_weight_safe(
 
     ``model_fn`` returns ``log p`` as one array or as a tuple of group arrays;
     ``value_groups`` says which group each value belongs to (group 0 if absent).
+    Without ``shared_params``, given ``group_shapes`` (each group's plate shape), the
+    model is not wrapped at all: the values pass through an identity whose backward
+    pass zeroes the dead particles' cotangents, told which are dead by zeros added to
+    ``log p`` (:func:`_tag_values`). This traces the model once instead of twice and
+    leaves XLA the ordinary backward pass.
     """
     axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
     groups = dict(value_groups)
@@ -837,6 +888,21 @@ def zero_weight_safe(
 
     def per_group(log_p: Any) -> tuple:
         return log_p if isinstance(log_p, tuple) else (log_p,)
+
+    if not shared_params and group_shapes is not None:
+        layout = (tuple(value_axes), tuple(value_groups))
+
+        def tagged(values: dict[str, jax.Array], params: Any) -> tuple[Any, ModelOutput]:
+            if not values:
+                return model_fn(values, params)
+            k = jax.tree.leaves(values)[0].shape[0]
+            carriers = tuple(jnp.zeros((k, *shape)) for shape in group_shapes)
+            values, carriers = _tag_values(layout, values, carriers)
+            log_p, output = model_fn(values, params)
+            summed = tuple(p + c for p, c in zip(per_group(log_p), carriers))
+            return (summed if isinstance(log_p, tuple) else summed[0]), output
+
+        return tagged
 
     def wrapped(values: dict[str, jax.Array], params: Any) -> tuple[jax.Array, ModelOutput]:
         converted, consts = hoist_closure(model_fn, values, params)
@@ -850,17 +916,6 @@ def zero_weight_safe(
             # The inputs are kept only for the second backward pass, if there is one.
             return out, (vjp, (values, params, consts) if shared_params else None)
 
-        def zero_dead(g_values: dict, dead: dict) -> dict:
-            out = {}
-            for name, g in g_values.items():
-                if g.dtype == jax.dtypes.float0:  # integer values: no cotangent
-                    out[name] = g
-                else:
-                    ndim, ax = axes[name]
-                    mask = plate_layout(dead[groups.get(name, 0)], ndim, ax)
-                    out[name] = jnp.where(mask, 0.0, g).astype(g.dtype)
-            return out
-
         def bwd(res, cotangent):
             vjp, inputs = res
             # Dead: a cotangent of exactly 0. The bounds give that to every particle
@@ -869,7 +924,7 @@ def zero_weight_safe(
             # Only groups that hold per-particle values count.
             dead = {g: per_group(cotangent[0])[g] == 0 for g in live_groups}
             g_values, *g_rest = vjp(cotangent)
-            grads = (zero_dead(g_values, dead), *g_rest)
+            grads = (_zero_dead_values(g_values, dead, axes, groups), *g_rest)
             if not shared_params or not dead:
                 return grads
 

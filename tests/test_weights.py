@@ -152,8 +152,8 @@ def test_nan_log_weight_is_weight_zero():
     assert broken.log_w[0, 0] == -jnp.inf and np.isfinite(broken.log_w[1, 0])
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_zero_weight_safe_ignores_particles_whose_weight_underflows(shared):
+@pytest.mark.parametrize("shared, shapes", [(False, None), (False, ((),)), (True, None)])
+def test_zero_weight_safe_ignores_particles_whose_weight_underflows(shared, shapes):
     from numpyro_iwae.weights import ModelOutput, zero_weight_safe
 
     # Particle 0 sits where d log p / dz = -inf, with log p = -1000: finite, but its
@@ -169,7 +169,7 @@ def test_zero_weight_safe_ignores_particles_whose_weight_underflows(shared):
 
     plain = jax.grad(bound, argnums=(1, 2))(model_fn, values, params)
     assert np.isnan(plain[0]["z"][0])  # 0 x inf: what the wrapper is for
-    safe_fn = zero_weight_safe(model_fn, (("z", 0, ()),), shared_params=shared)
+    safe_fn = zero_weight_safe(model_fn, (("z", 0, ()),), shared, group_shapes=shapes)
     g_values, g_params = jax.grad(bound, argnums=(1, 2))(safe_fn, values, params)
     # Each live particle has weight 1/2 and d log p / dz = -1/2 + 1000 at z = 1.
     np.testing.assert_allclose(g_values["z"], [0.0, 499.75, 499.75], rtol=1e-6)
