@@ -256,14 +256,15 @@ def without_guard(stepper: Stepper) -> Stepper:
 
 
 def without_conditional(stepper: Stepper) -> Stepper:
-    """``stepper`` with every ``lax.cond`` traced in its step replaced by a select of
-    the false branch (NaN where the predicate holds): the guard's checks stay, its
-    conditional goes. Prices the conditional alone (unsafe for real use)."""
+    """``stepper`` with every ``lax.cond`` traced in its step replaced by its true
+    branch, NaN where the predicate is false: the guard's test stays, its conditional
+    and its second backward pass go. Prices the conditional alone (unsafe for real
+    use; the guard takes the true branch when no particle is dead)."""
     step = stepper._step
 
     def select(pred, true_fn, false_fn, *operands):
-        out = false_fn(*operands)
-        return jax.tree.map(lambda a: jnp.where(pred, jnp.nan, a), out)
+        out = true_fn(*operands)
+        return jax.tree.map(lambda a: jnp.where(pred, a, jnp.nan), out)
 
     def unconditional(state):
         with mock.patch.object(jax.lax, "cond", select):
