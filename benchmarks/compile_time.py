@@ -17,8 +17,6 @@ Run:  python benchmarks/compile_time.py             (writes compile_time.json)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 import statistics
 import time
@@ -27,6 +25,7 @@ import jax
 from numpyro.infer import SVI, RenyiELBO
 from numpyro.infer.autoguide import AutoNormal
 import optax
+from recording import new_record, save_record
 from step_time import funnel
 
 from numpyro_iwae import IWELBO
@@ -71,8 +70,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--out", type=Path, default=HERE / "compile_time.json")
     args = parser.parse_args(argv)
-    result = {"load_before": os.getloadavg()[0], "device": str(jax.devices()[0]), "rows": []}
-    print(f"load average before: {result['load_before']:.2f}", flush=True)
+    result = new_record()
     for k in args.ks:
         runs = {name: [] for name in OBJECTIVES}
         for r in range(args.repeats):
@@ -104,10 +102,7 @@ def main(argv=None) -> dict:
             f"{row['cpu_ratio_iqr'][1]:.3f})",
             flush=True,
         )
-    result["load_after"] = os.getloadavg()[0]
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return save_record(result, args.out)
 
 
 if __name__ == "__main__":

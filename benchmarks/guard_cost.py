@@ -16,14 +16,13 @@ Run:  python benchmarks/guard_cost.py                (writes guard_cost.json)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from recording import new_record, save_record
 from step_time import PIXELS, svi_stepper, vae_example, without_guard
 
 from numpyro_iwae import IWELBO
@@ -75,8 +74,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--ks", type=int, nargs="+", default=[5, 50])
     parser.add_argument("--out", type=Path, default=HERE / "guard_cost.json")
     args = parser.parse_args(argv)
-    result = {"load_before": os.getloadavg()[0], "device": str(jax.devices()[0]), "rows": []}
-    print(f"load average before: {result['load_before']:.2f}", flush=True)
+    result = new_record()
     for layers in args.layers:
         for batch in args.batches:
             for k in args.ks:
@@ -89,10 +87,7 @@ def main(argv=None) -> dict:
                     f"10th percentiles {row['ratio_p10']:.3f})",
                     flush=True,
                 )
-    result["load_after"] = os.getloadavg()[0]
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return save_record(result, args.out)
 
 
 if __name__ == "__main__":

@@ -803,6 +803,13 @@ def _float_leaves(tree: Any) -> list[jax.Array]:
     return [g for g in jax.tree.leaves(tree) if jnp.issubdtype(g.dtype, jnp.inexact)]
 
 
+def _layout_maps(value_axes: tuple, value_groups: tuple) -> tuple[dict, dict]:
+    """``value_axes`` and ``value_groups`` as look-ups: name -> (ndim, plate axes), and
+    name -> group.
+    """
+    return {name: (ndim, ax) for name, ndim, ax in value_axes}, dict(value_groups)
+
+
 def _zero_dead_values(g_values: dict, dead: dict, axes: dict, groups: dict) -> dict[str, jax.Array]:
     """The values' cotangents with the dead particles' entries set to 0 (``dead``:
     per group, ``(K, *plates)`` booleans).
@@ -834,9 +841,7 @@ def _tag_values_fwd(layout: tuple, values: dict, carriers: tuple) -> tuple[tuple
 
 def _tag_values_bwd(layout: tuple, _: None, cotangent: tuple) -> tuple[dict, tuple]:
     g_values, g_carriers = cotangent
-    value_axes, value_groups = layout
-    axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
-    groups = dict(value_groups)
+    axes, groups = _layout_maps(*layout)
     dead = {g: c == 0 for g, c in enumerate(g_carriers)}
     return _zero_dead_values(g_values, dead, axes, groups), g_carriers
 
@@ -882,8 +887,7 @@ def zero_weight_safe(
     ``log p`` (:func:`_tag_values`). This traces the model once instead of twice and
     leaves XLA the ordinary backward pass.
     """
-    axes = {name: (ndim, ax) for name, ndim, ax in value_axes}
-    groups = dict(value_groups)
+    axes, groups = _layout_maps(value_axes, value_groups)
     live_groups = sorted({groups.get(name, 0) for name in axes})
 
     def per_group(log_p: Any) -> tuple:
