@@ -10,7 +10,8 @@ Public names:
 - :class:`SUMOMarginal`: an estimate of ``log p(x)`` whose expectation is ``log p(x)``
   (SUMO), with a standard error from replicates (:class:`SUMOEstimate`).
 - :func:`shard_particles`: split the particles over the devices of a mesh.
-- :class:`JointWeightsWarning`: issued when the weights are joint over a large plate.
+- :class:`JointWeightsWarning`: the weights are joint over a large plate that holds latents.
+- :class:`UnweightedBoundWarning`: nothing is importance weighted; the objective is the ELBO.
 """
 
 from numpyro_iwae.elbo import IWELBO
@@ -20,7 +21,7 @@ from numpyro_iwae.sharding import ShardedParticles, shard_particles
 from numpyro_iwae.sumo import SUMO
 from numpyro_iwae.sumo_evidence import SUMOEstimate, SUMOMarginal
 from numpyro_iwae.wake_sleep import ReweightedWakeSleep
-from numpyro_iwae.weights import JointWeightsWarning
+from numpyro_iwae.weights import JointWeightsWarning, UnweightedBoundWarning
 
 __all__ = [
     "CIWAE",
@@ -36,6 +37,7 @@ __all__ = [
     "SUMO",
     "SUMOEstimate",
     "SUMOMarginal",
+    "UnweightedBoundWarning",
     "shard_particles",
 ]
 __version__ = "0.1.0"

@@ -98,12 +98,20 @@ class IWELBO(ELBO):
       gradient (STL with ``"stl"`` and ``"dreg"``); discrete global sites the
       score-function gradient.
     - ``"joint"``: one weight per particle for the whole plate. Valid, tighter for a
-      few datapoints, but it falls towards the ELBO as the plate grows (a
-      :class:`~numpyro_iwae.JointWeightsWarning` for large plates) and subsampling
-      it with ``K > 1`` is an error (no unbiased estimate exists).
-    - ``"auto"`` (default): local if the plate is subsampled or has at least
-      :data:`~numpyro_iwae.weights.AUTO_LOCAL_SIZE` elements, joint otherwise; when
-      every latent is local to the independent plates the two are the same.
+      few datapoints, but with latents inside the plate it falls towards the ELBO as
+      the plate grows (a :class:`~numpyro_iwae.JointWeightsWarning` for large plates),
+      and subsampling it with ``K > 1`` is an error (no unbiased estimate exists).
+    - ``"auto"`` (default): importance-weights whatever can be weighted without
+      bias (:func:`~numpyro_iwae.weights.choose_weighting`). Global latents next to a
+      plate of observations only (an ordinary regression): joint, the IWAE bound over
+      the global latents, whose gain does not shrink with the data; if that plate is
+      subsampled, the ELBO (no importance-weighted bound minibatches without bias
+      there; an :class:`~numpyro_iwae.UnweightedBoundWarning` says so). Latents inside
+      the plate: local if it is subsampled or has at least
+      :data:`~numpyro_iwae.weights.AUTO_LOCAL_SIZE` elements (before subsampling, so
+      minibatches and full data get the same objective), joint otherwise. With
+      K = 1 every weighting is the ELBO and ``"auto"`` is ``Trace_ELBO``'s. When every
+      latent is local to the independent plates the two are the same.
 
     Particles are drawn in parallel with :func:`jax.vmap` (or ``lax.map``); every
     particle sees the same minibatch.
@@ -288,6 +296,7 @@ class IWELBO(ELBO):
             self.vectorize_particles_fn,
             path=self._draw_path(),
             weighting=self.weighting,
+            bound_particles=self._bound_particles(),
         )
         check_subsampling(structure, self.num_particles)
         self._check_structure(structure)
@@ -303,6 +312,12 @@ class IWELBO(ELBO):
                 f"has observed or factor site(s) {list(structure.guide_factor_sites)}.{hint}"
             )
         return draw, model_fn, structure, {**param_map, **draw.global_values}
+
+    def _bound_particles(self) -> int:
+        """The particles of the objective's largest ``logsumexp`` (K = 1 makes
+        every weighting the ELBO; ``weighting="auto"`` reads it).
+        """
+        return self.num_particles
 
     def _draw_path(self) -> str | None:
         """Which stopped-parameter part of ``log q`` the draw must also compute

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+import hashlib
 import math
 from typing import Any, NamedTuple
 
@@ -80,7 +81,9 @@ class LogMarginalEstimate(NamedTuple):
     local_k_hat: dict[str, jax.Array] | None = None
 
     def to_inference_data(self) -> Any:
-        """The resampled posterior as :class:`arviz.InferenceData`.
+        """The resampled posterior as ArviZ data: :class:`arviz.InferenceData` on
+        ArviZ 0.x, an :class:`xarray.DataTree` on ArviZ 1.x (whose ``from_dict`` takes
+        one ``{group: {variable: array}}`` mapping).
 
         The ``posterior`` group holds the samples (one chain); its attributes keep
         the estimate's ``log_marginal``, ``stderr``, and the per-element ``ess``
@@ -103,9 +106,18 @@ class LogMarginalEstimate(NamedTuple):
             "k_hat": np.asarray(self.k_hat).tolist(),
             "inference": "importance resampling (numpyro_iwae.MarginalLikelihood)",
         }
-        idata = az.from_dict(posterior=posterior)
+        idata = _arviz_from_dict(az, {"posterior": posterior})
         idata.posterior.attrs.update(attrs)
         return idata
+
+
+def _arviz_from_dict(az: Any, groups: dict[str, dict[str, np.ndarray]]) -> Any:
+    """``az.from_dict`` on both ArviZ lines: 1.x takes one ``{group: {var: array}}``
+    mapping, 0.x one keyword argument per group.
+    """
+    if int(az.__version__.split(".")[0]) >= 1:
+        return az.from_dict(groups)
+    return az.from_dict(**groups)
 
 
 def psis_tail_length(num_particles: int) -> int:
@@ -300,6 +312,8 @@ class Evaluator:
         self._data_shards = 1
         self._given_params = params is not None
         self._evaluate = jax.jit(self._evaluate_traced, static_argnums=3)
+        # Argument structures whose model needs the arrays' values (see _score).
+        self._concrete_args: set[_Static] = set()
         self._plate_names: dict[_Static, dict[str, tuple[str, ...]]] = {}
 
     def _structure(
@@ -349,6 +363,12 @@ class Evaluator:
     def _score(self, rng_key: jax.Array, args: tuple, kwargs: dict) -> Any:
         """Check, then run the compiled ``_evaluate_traced`` on the call's arguments
         (arrays dynamic, everything else static) and raise on NaN data.
+
+        A model that needs its arguments' values while it is traced (NumPyro's own
+        examples read sizes with ``np.unique(x)`` or ``int(np.max(x))``, as SVI, MCMC
+        and Predictive allow) fails with arrays as tracers; it is then compiled with
+        the arrays as constants (keyed by their contents), and later calls with
+        arguments of the same structure go there directly.
         """
         values = {**self.params, **self.mutable_state}
         Program(self.model, self.guide, args, kwargs).prepare_guide(values, rng_key)
@@ -356,7 +376,24 @@ class Evaluator:
         # Read while tracing (jit retraces for other input shardings): how many ways
         # the data are split, so the memory budget is per device.
         self._data_shards = max([_num_shards(v) for v in dynamic], default=1)
-        estimate, nan_data = self._evaluate(rng_key, values, dynamic, static)
+        if static not in self._concrete_args:
+            try:
+                estimate, nan_data = self._evaluate(rng_key, values, dynamic, static)
+            except _CONCRETIZATION_ERRORS:
+                self._concrete_args.add(static)
+        if static in self._concrete_args:
+            concrete = _split_static((args, kwargs), concrete=True)[1]
+            try:
+                estimate, nan_data = self._evaluate(rng_key, values, [], concrete)
+            except _CONCRETIZATION_ERRORS as err:
+                raise ValueError(
+                    "The model or guide needs the concrete value of a traced quantity even "
+                    "with every argument concrete (e.g. a latent draw in Python control "
+                    "flow, `if z > 0:`). The estimate runs the model under jax.jit, as SVI "
+                    "does: use jnp.where or lax.cond on random values. JAX said: "
+                    f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                ) from err
+            static = concrete
         _raise_on_nan_data(nan_data, self._plate_names.get(static, {}))
         return estimate
 
@@ -839,14 +876,25 @@ def _peak_bytes(jaxpr: Any) -> int:
 
 class _Static:
     """The non-array leaves of the call's arguments and their tree structure:
-    static under ``jit`` (hashed by value, or by identity when unhashable).
+    static under ``jit`` (hashed by value, arrays by their contents, anything else
+    unhashable by identity).
     """
 
     def __init__(self, treedef: Any, leaves: tuple, slots: tuple[bool, ...]) -> None:
         self.treedef, self.leaves, self.slots = treedef, leaves, slots
+        self._cached_key: tuple | None = None
 
     def _key(self) -> tuple:
+        if self._cached_key is None:
+            self._cached_key = self._compute_key()
+        return self._cached_key
+
+    def _compute_key(self) -> tuple:
         def one(v: Any) -> Any:
+            if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+                array = np.asarray(v)
+                digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+                return ("array", array.shape, str(array.dtype), digest)
             try:
                 hash(v)
             except TypeError:
@@ -867,12 +915,27 @@ class _Static:
         return jax.tree.unflatten(self.treedef, leaves)
 
 
-def _split_static(tree: Any) -> tuple[list, _Static]:
+def _split_static(tree: Any, concrete: bool = False) -> tuple[list, _Static]:
+    """The array leaves of ``tree`` (dynamic under ``jit``) and the rest (static).
+    With ``concrete=True`` every leaf is static, arrays keyed by their contents.
+    """
     leaves, treedef = jax.tree.flatten(tree)
-    slots = tuple(isinstance(v, (jax.Array, np.ndarray, np.generic)) for v in leaves)
+    slots = tuple(
+        not concrete and isinstance(v, (jax.Array, np.ndarray, np.generic)) for v in leaves
+    )
     dynamic = [v for v, is_array in zip(leaves, slots) if is_array]
     static = tuple(v for v, is_array in zip(leaves, slots) if not is_array)
     return dynamic, _Static(treedef, static, slots)
+
+
+#: What JAX raises when traced code needs a concrete value (``np.unique(x)``,
+#: ``int(x)``, ``if x:`` on a tracer).
+_CONCRETIZATION_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
 
 
 def _vmap(fn: Callable, xs: Any) -> Any:

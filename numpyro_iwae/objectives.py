@@ -315,6 +315,10 @@ class PIWAE(MIWAE):
     def __repr__(self) -> str:
         return super().__repr__().replace("MIWAE(", "PIWAE(", 1)
 
+    def _bound_particles(self) -> int:
+        """The model's bound is over all M x K particles."""
+        return self.num_particles * self.num_replicates
+
     def _check_structure(self, structure: PlateStructure) -> None:
         super()._check_structure(structure)
         if self.gradient_estimator == "dreg":

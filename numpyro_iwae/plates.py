@@ -92,6 +92,12 @@ class PlateStructure:
             joint weighting (everything is in group 0).
         global_sites: the guide's draws in group 0 under local weighting: drawn
             once per step and shared by every particle.
+        latent_plates: the joint plates that hold latent (not observed) sample
+            sites of model or guide: where local latents live. Empty for a model
+            whose only latents are global (an ordinary regression).
+        unweighted: under local weighting, no latent is drawn per particle (the
+            global sites are all there is, or the local draws do not depend on the
+            particle): the bound is the ELBO for every K.
 
     """
 
@@ -111,6 +117,8 @@ class PlateStructure:
     local_plates: tuple[tuple[str, int, int], ...] = ()
     groups: tuple[tuple[str, int], ...] = ()
     global_sites: tuple[str, ...] = ()
+    latent_plates: tuple[str, ...] = ()
+    unweighted: bool = False
 
     @property
     def scale(self) -> float:
@@ -236,6 +244,9 @@ def plate_structure(
     outside = tuple(
         sorted({s["name"] for s, st in zip(sites, stacks) if set(all_plates) - set(st)})
     )
+    latent_plates = tuple(
+        sorted({p for s, st in zip(sites, stacks) if not s["is_observed"] for p in st} - common)
+    )
 
     local: list[str] = []
     groups: dict[str, int] = {}
@@ -315,6 +326,7 @@ def plate_structure(
         local_plates=tuple(local_plates),
         groups=tuple(sorted(groups.items())),
         global_sites=global_sites,
+        latent_plates=latent_plates,
     )
 
 

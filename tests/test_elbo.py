@@ -23,7 +23,7 @@ from numpyro.infer.autoguide import (
 import optax
 import pytest
 
-from numpyro_iwae import IWELBO, JointWeightsWarning
+from numpyro_iwae import IWELBO, JointWeightsWarning, UnweightedBoundWarning
 
 A = np.array([1.0, -0.5, 2.0])
 B = np.array([0.1, 0.0, -0.3])
@@ -454,16 +454,18 @@ def test_joint_weighting_of_a_subsampled_plate_with_a_global_latent_is_an_error(
 
     x = jnp.asarray(XG)  # indexed by traced subsample indices, as under SVI's jit
     joint = IWELBO(4, weighting="joint")
-    with pytest.raises(ValueError, match=r"\['data'\] are subsampled.*weighting='local'"):
+    with pytest.raises(ValueError, match=r"\['data'\] are subsampled.*train on the full data"):
         joint.loss(jax.random.key(0), {}, model, guide, x)
     # K = 1 is the ELBO: linear in the log weights, so subsampling stays unbiased.
     assert np.isfinite(IWELBO(1, weighting="joint").loss(jax.random.key(0), {}, model, guide, x))
-    # The default weights locally: it runs (nothing is local: the ELBO, and it says so).
-    with pytest.warns(UserWarning, match="nothing is importance weighted"):
+    # The default is the ELBO here (no latent inside the plate: nothing can be
+    # weighted without bias), and it says so once.
+    with pytest.warns(UnweightedBoundWarning, match="No importance-weighted bound") as record:
         assert np.isfinite(IWELBO(4).loss(jax.random.key(0), {}, model, guide, x))
+    assert len(record) == 1
 
 
-def test_joint_weights_warning_for_large_plates_only():
+def test_joint_weights_warning_only_for_large_plates_that_hold_latents():
     def model(x):
         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
         with numpyro.plate("data", x.shape[0]):
@@ -472,13 +474,34 @@ def test_joint_weights_warning_for_large_plates_only():
     def guide(x):
         numpyro.sample("z", dist.Normal(0.0, 1.0))
 
+    def hmodel(x):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            u = numpyro.sample("u", dist.Normal(z, 1.0))
+            numpyro.sample("x", dist.Normal(u, 1.0), obs=x)
+
+    def hguide(x):
+        numpyro.sample("z", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("u", dist.Normal(0.0, 1.0))
+
+    key = jax.random.key(0)
     with pytest.warns(JointWeightsWarning, match="data.*weighting='local'") as record:
-        IWELBO(4, weighting="joint").loss(jax.random.key(0), {}, model, guide, jnp.zeros(100))
+        IWELBO(4, weighting="joint").loss(key, {}, hmodel, hguide, jnp.zeros(100))
     assert record[0].filename == __file__  # points at the caller's line
     with warnings.catch_warnings():
-        warnings.simplefilter("error", JointWeightsWarning)
-        IWELBO(4).loss(jax.random.key(0), {}, model, guide, jnp.zeros(99))
-        IWELBO(4).loss(jax.random.key(0), {}, local_model, local_guide, np.zeros((500, 3)))
+        warnings.simplefilter("error")
+        # A plate of observations only: the joint bound is the IWAE bound over z,
+        # whose gain does not fade with the plate's size; no warning.
+        IWELBO(4, weighting="joint").loss(key, {}, model, guide, jnp.zeros(10_000))
+        IWELBO(4).loss(key, {}, model, guide, jnp.zeros(10_000))
+        IWELBO(4).loss(key, {}, hmodel, hguide, jnp.zeros(100))  # auto: local
+        IWELBO(4).loss(key, {}, local_model, local_guide, np.zeros((500, 3)))
+        # K = 1 is the ELBO whatever the weighting: no warning.
+        IWELBO(1, weighting="joint").loss(key, {}, hmodel, hguide, jnp.zeros(100))
+        IWELBO(1, weighting="local").loss(key, {}, model, guide, jnp.zeros(100))
+    with pytest.warns(UnweightedBoundWarning, match="weighting='joint' \\(the default"):
+        IWELBO(4, weighting="local").loss(key, {}, model, guide, jnp.zeros(100))
 
 
 def gamma_model():

@@ -18,7 +18,7 @@ from numpyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 import optax
 import pytest
 
-from numpyro_iwae import IWELBO, MarginalLikelihood
+from numpyro_iwae import IWELBO, JointWeightsWarning, MarginalLikelihood, UnweightedBoundWarning
 from numpyro_iwae.weights import Program, plan, split_keys
 
 TAU, S = 0.8, 0.6
@@ -151,14 +151,27 @@ def test_minibatch_estimates_average_to_the_full_data_bound():
 
 
 def test_auto_weighting_is_joint_for_small_plates_and_local_for_large():
-    params = poor_params(X20)
     auto, joint = IWELBO(8), IWELBO(8, weighting="joint")
-    np.testing.assert_allclose(bounds(auto, params, X20, 4), bounds(joint, params, X20, 4))
-    x = jnp.asarray(RNG.normal(0.7, math.sqrt(1 + D), size=100), jnp.float32)
-    local = IWELBO(8, weighting="local")
+    x5 = X20[:5]  # below AUTO_LOCAL_SIZE = 10: joint
     np.testing.assert_allclose(
-        bounds(auto, poor_params(x), x, 4), bounds(local, poor_params(x), x, 4)
+        bounds(auto, poor_params(x5), x5, 4), bounds(joint, poor_params(x5), x5, 4)
     )
+    local = IWELBO(8, weighting="local")
+    for x in (X20, jnp.asarray(RNG.normal(0.7, math.sqrt(1 + D), size=100), jnp.float32)):
+        np.testing.assert_allclose(
+            bounds(auto, poor_params(x), x, 4), bounds(local, poor_params(x), x, 4)
+        )
+
+
+def test_default_minibatch_loss_averages_to_the_default_full_data_loss():
+    # The default objective is decided from the model's structure and full plate
+    # size, so minibatches estimate the full-data objective without bias (the old
+    # rule weighted 20 datapoints jointly whole and locally subsampled: about 40
+    # standard errors apart).
+    params = poor_params(X20)
+    full, se_full = mean_se(bounds(IWELBO(8), params, X20, 2000))
+    mini, se_mini = mean_se(bounds(IWELBO(8), params, X20, 4000, seed=3, subsample=5))
+    assert abs(full - mini) < 3 * math.hypot(se_full, se_mini), (full, mini, se_full, se_mini)
 
 
 def test_vectorize_particles_false_gives_the_same_bound():
@@ -297,8 +310,9 @@ def test_a_guide_drawing_global_sites_from_local_ones_is_refused():
 
     with pytest.raises(ValueError, match="global draw or its density depends on a local"):
         IWELBO(8, weighting="local").loss(jax.random.key(0), {}, model, backwards_guide, X20)
-    # The default weights such a guide jointly when it can.
-    assert np.isfinite(IWELBO(8).loss(jax.random.key(0), {}, model, backwards_guide, X20))
+    # The default weights such a guide jointly when it can, and says what that costs.
+    with pytest.warns(JointWeightsWarning, match="falls towards the ELBO"):
+        assert np.isfinite(IWELBO(8).loss(jax.random.key(0), {}, model, backwards_guide, X20))
 
 
 def test_subsampled_logistic_regression_runs_by_default():
@@ -312,9 +326,11 @@ def test_subsampled_logistic_regression_runs_by_default():
             numpyro.sample("y", dist.Bernoulli(logits=features[idx] @ w), obs=labels[idx])
 
     svi = SVI(regression, AutoNormal(regression), optax.adam(0.05), IWELBO(8))
-    # No latent is local to the plate: the bound is the ELBO, and IWELBO says so.
-    with pytest.warns(UserWarning, match="nothing is importance weighted"):
+    # No latent is local to the subsampled plate: no importance-weighted bound
+    # minibatches without bias, the default is the ELBO, and IWELBO says so once.
+    with pytest.warns(UnweightedBoundWarning, match="unbiased minibatch estimate") as record:
         result = svi.run(jax.random.key(0), 50, features, labels, progress_bar=False)
+    assert len(record) == 1
     assert np.all(np.isfinite(result.losses))
 
 
