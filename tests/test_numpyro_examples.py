@@ -9,8 +9,8 @@ their arguments' values while they are traced, which SVI, MCMC and Predictive al
 from __future__ import annotations
 
 import jax
-from jax.scipy.special import expit
 import jax.numpy as jnp
+from jax.scipy.special import expit
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
