@@ -300,6 +300,16 @@ class IWELBO(ELBO):
         )
         check_subsampling(structure, self.num_particles)
         self._check_structure(structure)
+        if self.gradient_estimator == "dreg" and self.num_particles > 1:
+            if structure.scaled_guide_sites:
+                raise ValueError(
+                    f"{type(self).__name__}(gradient_estimator='dreg') assumes log w = "
+                    "log p - log q with q the density the guide samples from, but guide "
+                    f"site(s) {list(structure.scaled_guide_sites)} are scaled "
+                    "(handlers.scale, e.g. KL annealing or tempering): the weights become "
+                    "softmax(c log w) and DReG's squared weights are then biased. Use "
+                    "gradient_estimator='reparam' (unbiased for the scaled objective)."
+                )
         if self.gradient_estimator != "reparam" and structure.guide_factor_sites:
             hint = (
                 " Use gradient_estimator='reparam', which includes them as Trace_ELBO does."

@@ -74,7 +74,9 @@ def _safe_logsumexp_jvp(
 ) -> tuple[jax.Array, jax.Array]:
     (log_w,), (tangent,) = primals, tangents
     out, scaled, inverse = _logsumexp_parts(log_w)
-    return out, jnp.sum(scaled * tangent, axis=0) * inverse
+    # A particle of weight zero adds nothing, even where its tangent is not finite
+    # (forward mode through a density evaluated outside its support).
+    return out, jnp.sum(scaled * jnp.where(scaled > 0, tangent, 0.0), axis=0) * inverse
 
 
 def iwae_bound(log_w: jax.Array) -> jax.Array:
@@ -127,12 +129,13 @@ def normalized_weights(log_w: jax.Array) -> jax.Array:
     return jnp.where(dead, 0.0, jnp.exp(log_w - jnp.where(dead, 0.0, lse)))
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def nan_to_neginf(log_w: jax.Array) -> jax.Array:
     """Map NaN log weights to ``-inf``: weight zero (a density evaluated outside
     its support).
 
-    Its backward pass hands the cotangent through unchanged. The bounds here give a
+    Its derivative hands the tangent (and so the cotangent) through unchanged, in
+    forward and reverse mode alike. The bounds here give a
     log weight of ``-inf`` a cotangent of exactly 0, so masking it again changes
     nothing, and not keeping the NaN mask for the backward pass spares XLA from
     recomputing the log weights there (on Neal's funnel at K = 10 the compiled
@@ -142,15 +145,40 @@ def nan_to_neginf(log_w: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
 
 
-def _nan_to_neginf_fwd(log_w: jax.Array) -> tuple[jax.Array, None]:
-    return nan_to_neginf(log_w), None
+@nan_to_neginf.defjvp
+def _nan_to_neginf_jvp(
+    primals: tuple[jax.Array], tangents: tuple[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    return nan_to_neginf(primals[0]), tangents[0]
 
 
-def _nan_to_neginf_bwd(_: None, cotangent: jax.Array) -> tuple[jax.Array]:
-    return (cotangent,)
+#: How JAX refuses forward-mode differentiation of a ``custom_vjp`` function.
+_NO_FORWARD_MODE = "can't apply forward-mode autodiff"
 
 
-nan_to_neginf.defvjp(_nan_to_neginf_fwd, _nan_to_neginf_bwd)
+def call_backward_defined(
+    fn: Callable, *args: Any, fallback: Callable | None = None, what: str = ""
+) -> Any:
+    """``fn(*args)`` for a ``fn`` defined by a custom backward pass (``custom_vjp``).
+
+    Under forward-mode differentiation (``SVI.run(...,
+    forward_mode_differentiation=True)``, NumPyro's way to fit models with
+    ``lax.while_loop``) JAX cannot differentiate such a function: there
+    ``fallback(*args)`` is returned instead, or, without a fallback, a ValueError
+    says that ``what`` has no forward-mode derivative.
+    """
+    try:
+        return fn(*args)
+    except TypeError as err:
+        if _NO_FORWARD_MODE not in str(err):
+            raise
+        if fallback is None:
+            raise ValueError(
+                f"{what} is defined by a custom backward pass, which has no forward-mode "
+                "derivative, so it cannot run under forward_mode_differentiation=True. "
+                "Use gradient_estimator='reparam' or 'stl', or reverse mode."
+            ) from None
+        return fallback(*args)
 
 
 def plate_layout(per_element: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
@@ -292,7 +320,9 @@ def dreg_log_weights(
         return (scaled, g_params, g_path, g_score, *g_consts)
 
     log_w_fn.defvjp(fwd, bwd)
-    log_w, aux = log_w_fn(values, params, log_q_path, log_q_score, *consts)
+    log_w, aux = call_backward_defined(
+        log_w_fn, values, params, log_q_path, log_q_score, *consts, what="DReG"
+    )
     return (log_w[0] if single else log_w), aux
 
 
@@ -800,4 +830,4 @@ def split_gradient_paths(
         return (g_values, params_ct, *consts_ct)
 
     fn.defvjp(fwd, bwd)
-    return fn(values, params, *consts)
+    return call_backward_defined(fn, values, params, *consts, what="The two-path surrogate")

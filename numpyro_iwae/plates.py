@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "PlateStructure",
@@ -98,6 +99,9 @@ class PlateStructure:
         unweighted: under local weighting, no latent is drawn per particle (the
             global sites are all there is, or the local draws do not depend on the
             particle): the bound is the ELBO for every K.
+        scaled_guide_sites: guide draws whose log density is scaled by more than
+            the subsampling of their plates (``handlers.scale``, as in KL annealing
+            or tempering), or by a scale not known while tracing.
 
     """
 
@@ -119,6 +123,7 @@ class PlateStructure:
     global_sites: tuple[str, ...] = ()
     latent_plates: tuple[str, ...] = ()
     unweighted: bool = False
+    scaled_guide_sites: tuple[str, ...] = ()
 
     @property
     def scale(self) -> float:
@@ -327,7 +332,28 @@ def plate_structure(
         groups=tuple(sorted(groups.items())),
         global_sites=global_sites,
         latent_plates=latent_plates,
+        scaled_guide_sites=tuple(
+            n
+            for n, site in sorted(guide_sites.items())
+            if is_latent(site) and _scaled(site, full_size)
+        ),
     )
+
+
+def _scaled(site: dict[str, Any], full_size: Callable[[str, int], int]) -> bool:
+    """Whether a site's ``scale`` is more than its plates' subsampling factor (or is
+    not known while tracing).
+    """
+    scale = site["scale"]
+    if scale is None:
+        return False
+    factor = math.prod(
+        full_size(f.name, int(f.size)) / int(f.size) for f in site["cond_indep_stack"]
+    )
+    try:
+        return not np.allclose(np.asarray(scale), factor, rtol=1e-6)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return True
 
 
 def to_plates(

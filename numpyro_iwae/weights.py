@@ -44,8 +44,14 @@ from numpyro import handlers
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
 from numpyro.primitives import Messenger
+from numpyro.util import _validate_model, check_model_guide_match
 
-from numpyro_iwae.estimators import hoist_closure, nan_to_neginf, plate_layout
+from numpyro_iwae.estimators import (
+    call_backward_defined,
+    hoist_closure,
+    nan_to_neginf,
+    plate_layout,
+)
 from numpyro_iwae.plates import (
     PlateStructure,
     accumulate,
@@ -473,6 +479,10 @@ def plan(
         with recorder:
             model_trace, guide_trace = trace_pair(program, params, key)
         _check_sites(model_trace, guide_trace)
+        # NumPyro's own checks, for the warnings Trace_ELBO gives (a batch dimension
+        # with no plate, a guide plate the model lacks).
+        check_model_guide_match(model_trace, guide_trace)
+        _validate_model(model_trace, plate_warning="loose")
         joint = plate_structure(model_trace, guide_trace)
         found.append(joint)
         if weighting == "joint" or not joint.joint_plates:
@@ -940,7 +950,12 @@ def zero_weight_safe(
                 return model_fn(values, params)
             k = jax.tree.leaves(values)[0].shape[0]
             carriers = tuple(jnp.zeros((k, *shape)) for shape in group_shapes)
-            values, carriers = _tag_values(layout, values, carriers)
+            values, carriers = call_backward_defined(
+                partial(_tag_values, layout),
+                values,
+                carriers,
+                fallback=lambda v, c: (v, c),  # forward mode: the masked logsumexp suffices
+            )
             log_p, output = model_fn(values, params)
             summed = tuple(p + c for p, c in zip(per_group(log_p), carriers))
             return (summed if isinstance(log_p, tuple) else summed[0]), output
@@ -1004,7 +1019,9 @@ def zero_weight_safe(
             return (grads[0], g_params, *g_consts)
 
         fn.defvjp(fwd, bwd)
-        return fn(values, params, *consts)
+        # Forward mode: the plain model; the logsumexp's derivative drops the tangents
+        # of particles of weight zero.
+        return call_backward_defined(fn, values, params, *consts, fallback=converted)
 
     return wrapped
 

@@ -327,3 +327,41 @@ def test_dreg_returns_mutable_state():
     expected = PARAMS["c"] * X + PARAMS["d"]  # the guide's mean
     se = jnp.exp(PARAMS["log_s"]) / math.sqrt(2048)
     assert np.all(np.abs(out["mutable_state"]["state"]["mean_z"] - expected) < 5 * se)
+
+
+def test_dreg_refuses_a_scaled_guide_and_stl_stays_unbiased_at_k_1():
+    # handlers.scale on model and guide (KL annealing, tempering): the objective is
+    # log mean_k exp(c log w_k); DReG's squared weights assume c = 1.
+    from numpyro import handlers
+
+    from numpyro_iwae import ReweightedWakeSleep
+
+    def model():
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=0.7)
+
+    def guide():
+        scale = numpyro.param("s", 0.9, constraint=dist.constraints.positive)
+        numpyro.sample("z", dist.Normal(numpyro.param("m", 0.1), scale))
+
+    smodel, sguide = handlers.scale(model, 2.0), handlers.scale(guide, 2.0)
+    params = {"m": jnp.asarray(0.1), "s": jnp.asarray(0.9)}
+    key = jax.random.key(0)
+    for objective in (
+        IWELBO(4, gradient_estimator="dreg"),
+        ReweightedWakeSleep(4, gradient_estimator="dreg"),
+    ):
+        with pytest.raises(ValueError, match=r"scaled .*gradient_estimator='reparam'"):
+            objective.loss(key, params, smodel, sguide)
+    assert np.isfinite(IWELBO(1, gradient_estimator="dreg").loss(key, params, smodel, sguide))
+
+    def mean_grad(objective, seed):
+        keys = jax.random.split(jax.random.key(seed), 4000)
+        g = jax.vmap(jax.grad(lambda p, k: objective.loss(k, p, smodel, sguide)), (None, 0))
+        out = g(params, keys)
+        return {n: (float(v.mean()), float(v.std() / np.sqrt(v.size))) for n, v in out.items()}
+
+    rep, stl = mean_grad(IWELBO(1), 1), mean_grad(IWELBO(1, gradient_estimator="stl"), 2)
+    for name in params:
+        (a, se_a), (b, se_b) = rep[name], stl[name]
+        assert abs(a - b) < 3.5 * np.hypot(se_a, se_b), (name, a, b, se_a, se_b)

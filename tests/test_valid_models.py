@@ -449,3 +449,119 @@ def test_point_mass_next_to_a_random_auxiliary_draw_is_refused():
     ml = MarginalLikelihood(two_site_model, guide, params=params, num_particles=16)
     with pytest.raises(ValueError, match=r"\['s'\] are point masses"):
         ml(jax.random.key(1), X)
+
+
+def test_numpyro_validation_warnings_as_trace_elbo_gives_them():
+    # NumPyro's test_missing_plate_in_model and test_check_model_guide_match (6.).
+    def model():
+        x = numpyro.sample("x", dist.Normal(0, 1))
+        with numpyro.plate("N", 10, dim=-2):
+            numpyro.sample("obs", dist.Normal(x, 1), obs=jnp.ones((10, 2)))
+
+    def guide():
+        numpyro.sample("x", dist.Normal(0, 1))
+
+    for objective in (IWELBO(1), IWELBO(4)):
+        with pytest.warns(UserWarning, match="Missing a plate statement"):
+            objective.loss(jax.random.key(0), {}, model, guide)
+
+    def model2():
+        with numpyro.plate("a", 10):
+            numpyro.sample("x", dist.Normal().expand((10,)))
+
+    def guide2():
+        with numpyro.plate("data", 100, subsample_size=10):
+            numpyro.sample("x", dist.Normal())
+
+    with pytest.warns(UserWarning, match="Found plate statements in guide but not model"):
+        IWELBO(1).loss(jax.random.key(0), {}, model2, guide2)
+
+
+def test_autosemidais_local_only_at_k_1_as_numpyro_tests_it():
+    # NumPyro's test_autosemidais_local_only with IWELBO(1) for Trace_ELBO: the guide
+    # draws a global site from local ones; at K = 1 every weighting is the ELBO.
+    from numpyro.infer.autoguide import AutoSemiDAIS
+
+    data = jnp.linspace(0, 1, 10)
+
+    def model():
+        with numpyro.plate("N", 10, subsample_size=5, dim=-1):
+            batch = numpyro.subsample(data, event_dim=0)
+            numpyro.sample("x", dist.Normal(batch, 1))
+
+    def create_plates():
+        return numpyro.plate("N", 10, subsample_size=5, dim=-1)
+
+    local_guide = AutoNormal(model, create_plates=create_plates)
+    guide = AutoSemiDAIS(model, model, None, local_guide=local_guide)
+    svi = SVI(model, guide, optax.adam(0.01), IWELBO(1))
+    svi_result = svi.run(jax.random.key(0), 10, progress_bar=False)
+    samples = guide.sample_posterior(jax.random.key(1), svi_result.params, sample_shape=(100,))
+    assert samples["x"].shape == (100, 5)
+    assert np.all(np.isfinite(svi_result.losses))
+
+
+def while_model(x):
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+
+    # A fixed point found by a while loop (2 z): reverse mode cannot differentiate it.
+    def body(state):
+        i, y = state
+        return i + 1, 0.5 * y + z
+
+    _, y = jax.lax.while_loop(lambda s: s[0] < 30, body, (0, 0.0))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", dist.Normal(y, 1.0), obs=x)
+
+
+def unrolled_model(x):
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    y = 0.0
+    for _ in range(30):
+        y = 0.5 * y + z
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", dist.Normal(y, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "stl"])
+def test_forward_mode_differentiation_fits_a_while_loop_model(estimator):
+    x = jnp.linspace(0.0, 2.0, 6)
+
+    def guide(x):
+        scale = numpyro.param("scale", 1.0, constraint=dist.constraints.positive)
+        numpyro.sample("z", dist.Normal(numpyro.param("loc", 0.0), scale))
+
+    def fit(model, forward):
+        svi = SVI(model, guide, optax.adam(0.05), IWELBO(4, gradient_estimator=estimator))
+        return svi.run(
+            jax.random.key(0), 100, x, progress_bar=False, forward_mode_differentiation=forward
+        )
+
+    forward = fit(while_model, True)
+    reverse = fit(unrolled_model, False)  # the same model, differentiated in reverse mode
+    np.testing.assert_allclose(forward.losses, reverse.losses, rtol=1e-4)
+    for name in reverse.params:
+        np.testing.assert_allclose(forward.params[name], reverse.params[name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="forward_mode_differentiation"):
+        svi = SVI(while_model, guide, optax.adam(0.05), IWELBO(4, gradient_estimator="dreg"))
+        svi.run(jax.random.key(0), 2, x, progress_bar=False, forward_mode_differentiation=True)
+
+
+def test_forward_mode_gradient_ignores_particles_of_weight_zero():
+    # Half the guide's mass lies where the model's density is zero (z < 0 for a
+    # HalfNormal): those particles' tangents are NaN, their weight zero.
+    def model():
+        numpyro.sample("z", dist.HalfNormal(1.0))
+
+    def guide():
+        numpyro.sample("z", dist.Normal(numpyro.param("loc", 0.5), 1.0))
+
+    def loss(params, key):
+        return IWELBO(8).loss(key, params, model, guide)
+
+    params = {"loc": jnp.asarray(0.5)}
+    key = jax.random.key(3)
+    g_rev = jax.grad(loss)(params, key)["loc"]
+    g_fwd = jax.jacfwd(loss)(params, key)["loc"]
+    assert np.isfinite(g_fwd)
+    np.testing.assert_allclose(g_fwd, g_rev, rtol=1e-5)
