@@ -150,6 +150,7 @@ def test_annealing_with_the_exact_posterior_gives_log_p_for_every_particle():
     assert float(est.stderr) < 1e-3
 
 
+@pytest.mark.slow
 def test_annealing_covers_the_truth_where_importance_sampling_does_not():
     # AIS: K = 100, T = 50 transitions of 5 leapfrog steps, about 8 evaluations of the
     # model and guide each (gradients counted as one): 40,000 per datapoint, the budget
@@ -168,6 +169,7 @@ def test_annealing_covers_the_truth_where_importance_sampling_does_not():
     assert abs(float(plain.log_marginal) - EXACT.sum()) > 3 * float(plain.stderr)
 
 
+@pytest.mark.slow
 def test_annealing_does_not_depend_on_the_chunk_size():
     def run(chunk):
         ml = MarginalLikelihood(model, guide, num_particles=12, annealing_steps=2, chunk_size=chunk)
@@ -176,6 +178,7 @@ def test_annealing_does_not_depend_on_the_chunk_size():
     np.testing.assert_allclose(run(5).pointwise, run(12).pointwise, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_annealing_through_a_constrained_autonormal_guide():
     # Gamma-Poisson, exact log p(x) (negative binomial); AutoNormal moves log z.
     counts = jnp.array([0.0, 3.0, 7.0, 1.0, 12.0])
@@ -195,6 +198,7 @@ def test_annealing_through_a_constrained_autonormal_guide():
     assert abs(float(est.log_marginal) - float(jnp.sum(exact))) < 3 * float(est.stderr) + 1e-3
 
 
+@pytest.mark.slow
 def test_annealing_a_joint_auxiliary_guide():
     # AutoMultivariateNormal draws one auxiliary latent; the model's sites are Delta
     # transforms of it, so the chain moves the auxiliary draw (one chain per particle).
@@ -227,6 +231,7 @@ def test_annealing_refuses_discrete_draws_and_unsupported_combinations():
         MarginalLikelihood(model, guide, annealing_steps=-1)
 
 
+@pytest.mark.slow
 def test_annealed_final_states_resample_to_the_posterior():
     # Posterior N(x/2, 1/2) per datapoint; the guide is 1.1 posterior s.d. off. The
     # resampled final states' mean must be within 4 of its standard errors (posterior
@@ -241,6 +246,7 @@ def test_annealed_final_states_resample_to_the_posterior():
     assert abs(z.std(0).mean() - math.sqrt(0.5)) < 0.1
 
 
+@pytest.mark.slow
 def test_annealing_a_flow_guide():
     # AutoIAFNormal: an auxiliary latent pushed through an autoregressive flow.
     x = X[:3]
@@ -256,6 +262,7 @@ def test_annealing_a_flow_guide():
     assert abs(float(est.log_marginal) - exact) < 3 * float(est.stderr) + 1e-3
 
 
+@pytest.mark.slow
 def test_annealing_memory_grows_with_the_particles_only_as_importance_sampling_does():
     # Streamed like importance sampling: beyond one chunk, the compiled evaluation holds
     # only the particles' keys (about 250 bytes a particle, whatever the data), and

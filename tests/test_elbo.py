@@ -98,6 +98,7 @@ def test_k1_agrees_with_trace_elbo_in_expectation():
     assert_within(ours, math.hypot(se_ours, se_ref), ref, what="K=1 vs Trace_ELBO")
 
 
+@pytest.mark.slow
 def test_bound_below_log_evidence_and_rising_in_k():
     truth = log_evidence(X, A, B, SIG).sum()
     ks = [1, 4, 16, 64]
@@ -128,6 +129,7 @@ def subsampled_guide(x, batch):
         numpyro.sample("z", dist.Normal(loc[idx], scale[idx]))
 
 
+@pytest.mark.slow
 def test_subsampled_plate_is_unbiased_for_full_data_bound():
     x = jnp.asarray(np.random.default_rng(3).normal(size=(10, 3)) * 2.0)
     params = {"q_loc": jnp.linspace(-1.0, 1.0, 10), "q_scale": jnp.full(10, 1.5)}
@@ -161,6 +163,7 @@ def funnel():
         numpyro.sample("x", dist.Normal(0.0, jnp.exp(v / 2)))
 
 
+@pytest.mark.slow
 def test_funnel_fitted_bound_below_zero_and_rising_in_k():
     guide = AutoNormal(funnel)
     svi = SVI(funnel, guide, optax.adam(0.01), IWELBO(10))
@@ -175,6 +178,7 @@ def test_funnel_fitted_bound_below_zero_and_rising_in_k():
 
 
 @pytest.mark.parametrize("vectorize", [False, lambda fn, keys: jax.vmap(fn)(keys)])
+@pytest.mark.slow
 def test_vectorization_strategies_agree(vectorize):
     key = jax.random.key(7)
     ref = IWELBO(16).loss(key, POOR, local_model, local_guide, X)
@@ -202,6 +206,7 @@ def two_latent_model(x, y):
 @pytest.mark.parametrize(
     "guide_class", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, AutoIAFNormal]
 )
+@pytest.mark.slow
 def test_autoguides(guide_class):
     x, y = XG, X[:, 1]
     truth = log_evidence(x, ONES, ZEROS, 0.7 * ONES) + log_evidence(y, ONES, ZEROS, 1.3 * ONES)
@@ -281,6 +286,7 @@ def test_factor_and_two_latent_sites_chain():
         assert abs(-float(IWELBO(k).loss(jax.random.key(0), {}, model, guide)) - truth) < 1e-5
 
 
+@pytest.mark.slow
 def test_nested_plates_exact():
     xs = np.random.default_rng(4).normal(size=(3, 4, 1))
 
@@ -300,6 +306,7 @@ def test_nested_plates_exact():
         assert abs(-float(IWELBO(k).loss(jax.random.key(0), {}, model, guide)) - truth) < 1e-4
 
 
+@pytest.mark.slow
 def test_numpyro_module_parameters_get_gradients():
     data = (np.random.default_rng(5).random((6, 5)) < 0.4).astype(np.float32)
     dec_init, dec_apply = stax.serial(stax.Dense(8), stax.Tanh, stax.Dense(5))
@@ -443,6 +450,7 @@ def test_discrete_guide_site_bound_value_is_exact_at_exact_posterior():
         assert abs(-float(loss) - math.log(evidence)) < 1e-5
 
 
+@pytest.mark.slow
 def test_joint_weighting_of_a_subsampled_plate_with_a_global_latent_is_an_error():
     def model(x):
         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
@@ -465,6 +473,7 @@ def test_joint_weighting_of_a_subsampled_plate_with_a_global_latent_is_an_error(
     assert len(record) == 1
 
 
+@pytest.mark.slow
 def test_joint_weights_warning_only_for_large_plates_that_hold_latents():
     def model(x):
         z = numpyro.sample("z", dist.Normal(0.0, 1.0))

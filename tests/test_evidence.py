@@ -200,6 +200,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_k5000_over_1000_datapoints_stays_under_2_gib():
     out = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600

@@ -23,6 +23,7 @@ def load(name):
     return module
 
 
+@pytest.mark.slow
 def test_funnel_example_smoke(tmp_path, capsys):
     funnel = load("funnel")
     argv = ["--steps", "200", "--ks", "5", "--estimators", "dreg", "--guides", "normal"]
@@ -42,6 +43,7 @@ def test_funnel_example_smoke(tmp_path, capsys):
     assert "NUTS reference" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_snr_example_smoke(tmp_path):
     snr = load("snr")
     argv = ["--ks", "1", "8", "--reps", "64", "--perturb", "0.05"]
@@ -62,6 +64,7 @@ needs_mnist = pytest.mark.skipif(
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_vae_example_smoke(tmp_path):
     vae = load("vae")
     argv = ["--data", str(DATA), "--train-size", "500", "--test-size", "100", "--epochs", "2"]
@@ -84,6 +87,7 @@ def test_vae_example_smoke(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_vae_prior_proposal_smoke(tmp_path):
     vae = load("vae")
     argv = ["--data", str(DATA), "--prior-proposal", "--train-size", "500", "--test-size", "50"]
@@ -153,6 +157,7 @@ def test_vae_example_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_hierarchical_example_smoke(tmp_path):
     hier = load("hierarchical")
     argv = ["--data", "synthetic", "--quick", "--steps", "200", "--ks", "4"]
@@ -187,6 +192,7 @@ def test_hierarchical_example_reads_chem97_into_padded_schools():
     np.testing.assert_allclose([y.mean(), y.std()], [0.0, 1.0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_funnel_sampler_targets_are_the_funnels():
     sampler = load("funnel_sampler")
     funnel = load("funnel")
@@ -207,6 +213,7 @@ def test_funnel_sampler_targets_are_the_funnels():
     np.testing.assert_allclose(two.log_density(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_funnel_sampler_example_smoke(tmp_path):
     sampler = load("funnel_sampler")
     argv = ["--targets", "funnel2d", "--methods", "iwae-2", "sumo", "--steps", "10"]

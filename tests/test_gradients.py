@@ -102,6 +102,7 @@ def test_stl_is_biased_for_k_above_one():
     assert_means_agree({n: stl[n] for n in THETA}, {n: ref[n] for n in THETA}, "stl theta")
 
 
+@pytest.mark.slow
 def test_model_gradient_is_the_same_for_every_estimator():
     keys = jax.random.split(jax.random.key(3), 5)
     for key in keys:
@@ -264,6 +265,7 @@ def two_site_model(x):
 @pytest.mark.parametrize(
     "guide_class", ["AutoDiagonalNormal", "AutoMultivariateNormal", "AutoIAFNormal"]
 )
+@pytest.mark.slow
 def test_dreg_is_unbiased_through_autoguide_delta_sites(guide_class):
     # These guides draw one auxiliary vector and hand the model Delta sites holding a
     # transform of it; DReG must keep that path (value and log-Jacobian).
@@ -298,6 +300,7 @@ def test_dreg_is_unbiased_through_autoguide_delta_sites(guide_class):
 
 
 @pytest.mark.parametrize("estimator", ["stl", "dreg"])
+@pytest.mark.slow
 def test_estimators_agree_in_value_and_across_vectorization(estimator):
     key = jax.random.key(9)
     values = [
@@ -329,6 +332,7 @@ def test_dreg_returns_mutable_state():
     assert np.all(np.abs(out["mutable_state"]["state"]["mean_z"] - expected) < 5 * se)
 
 
+@pytest.mark.slow
 def test_dreg_refuses_a_scaled_guide_and_stl_stays_unbiased_at_k_1():
     # handlers.scale on model and guide (KL annealing, tempering): the objective is
     # log mean_k exp(c log w_k); DReG's squared weights assume c = 1.

@@ -120,6 +120,7 @@ def test_local_bound_matches_an_independent_computation():
     assert abs(ours - fewer) > 5 * math.hypot(se_ours, se_fewer)
 
 
+@pytest.mark.slow
 def test_local_bound_is_below_the_evidence_and_rises_with_k():
     params = poor_params(X20)
     means, ses = zip(
@@ -139,6 +140,7 @@ def test_k1_local_bound_is_the_elbo():
     assert abs(ours - theirs) < 3 * math.hypot(se_ours, se_theirs)
 
 
+@pytest.mark.slow
 def test_minibatch_estimates_average_to_the_full_data_bound():
     params = poor_params(X20)
     elbo = IWELBO(8, weighting="local")
@@ -150,6 +152,7 @@ def test_minibatch_estimates_average_to_the_full_data_bound():
     np.testing.assert_allclose(default, bounds(elbo, params, X20, 16, seed=3, subsample=5))
 
 
+@pytest.mark.slow
 def test_auto_weighting_is_joint_for_small_plates_and_local_for_large():
     auto, joint = IWELBO(8), IWELBO(8, weighting="joint")
     x5 = X20[:5]  # below AUTO_LOCAL_SIZE = 10: joint
@@ -225,6 +228,7 @@ def two_plate_guide(xa, xb):
             numpyro.sample(f"z{name}", dist.Normal(p["a"] * mu + p["b"] * x, p["c"]))
 
 
+@pytest.mark.slow
 def test_each_data_plate_gets_its_own_per_element_bounds():
     xa, xb = X20[:12], X20[12:]
     program = Program(two_plate_model, two_plate_guide, (xa, xb)).with_seeded_plates(
@@ -290,6 +294,7 @@ def test_a_plate_whose_latents_reach_sites_outside_it_is_global(fn, args):
     assert set(structure.global_sites) >= {"mu", "a" if fn is crossed_model else "z"}
 
 
+@pytest.mark.slow
 def test_a_joint_guide_over_all_sites_leaves_nothing_to_weight():
     guide = AutoDiagonalNormal(model)  # one joint draw of all sites, outside the plate
     x = jnp.asarray(RNG.normal(size=100), jnp.float32)
@@ -315,6 +320,7 @@ def test_a_guide_drawing_global_sites_from_local_ones_is_refused():
         assert np.isfinite(IWELBO(8).loss(jax.random.key(0), {}, model, backwards_guide, X20))
 
 
+@pytest.mark.slow
 def test_subsampled_logistic_regression_runs_by_default():
     n, d = 1000, 3
     features = jnp.asarray(RNG.normal(size=(n, d)), jnp.float32)
@@ -368,6 +374,7 @@ def test_discrete_global_site_gets_an_unbiased_score_function_gradient():
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "dreg"])
+@pytest.mark.slow
 def test_gradient_of_a_vmapped_loss(estimator):
     # Integer and key tracers closed over by the custom backward passes must not
     # escape a vmap under grad.
@@ -396,6 +403,7 @@ def test_nested_evidence_with_the_exact_posterior_has_zero_variance():
     np.testing.assert_allclose(est.local_ess["data"], 16.0, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_nested_evidence_is_within_three_standard_errors_and_chunk_invariant():
     x = jnp.asarray(RNG.normal(0.7, math.sqrt(1 + D), size=200), jnp.float32)
     p = exact_params(x)  # off by half a posterior sd in mu, and in every local part

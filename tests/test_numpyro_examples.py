@@ -63,6 +63,7 @@ def fitted_glmm_guide():
 
 
 @pytest.mark.parametrize("as_jax", [False, True])
+@pytest.mark.slow
 def test_ucbadmit_glmm_as_numpyro_writes_it(as_jax):
     guide, params = fitted_glmm_guide()
     args = (DEPT, MALE, APPLICATIONS, ADMIT)

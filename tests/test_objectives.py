@@ -45,6 +45,7 @@ def shared_log_w(params, num, key):
     return weights.log_w
 
 
+@pytest.mark.slow
 def test_miwae_with_m_not_k_against_the_same_particles():
     m, k, key = 5, 3, jax.random.key(0)
     params = {"loc": jnp.zeros(4), "scale": jnp.full(4, 0.4)}  # weights far from equal
@@ -85,6 +86,7 @@ def mean_se(objective, params, num=2000, seed=0, model=model, guide=guide):
     return values.mean(), values.std(ddof=1) / math.sqrt(num)
 
 
+@pytest.mark.slow
 def test_renyi_bound_decreases_in_alpha_and_is_exact_at_the_posterior():
     means = [mean_se(RenyiELBO(alpha=a, num_particles=8), POOR) for a in (0.0, 0.5, 1.0)]
     for (upper, se_u), (lower, se_l) in zip(means, means[1:]):
@@ -188,6 +190,7 @@ def global_guide(x):
 
 
 @pytest.mark.parametrize("weighting", ["joint", "local"])
+@pytest.mark.slow
 def test_piwae_gives_the_model_iwae_mk_and_the_guide_miwae(weighting):
     m, k, key = 3, 4, jax.random.key(7)
     fn, g = (param_model, guide) if weighting == "joint" else (global_model, global_guide)

@@ -16,6 +16,7 @@ from numpyro_iwae import shard_particles
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_on_eight_host_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     env["JAX_PLATFORMS"] = "cpu"
@@ -50,6 +51,7 @@ def test_one_device_mesh_is_plain_vmap():
         shard_particles(mesh, "data")
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost():
     # The multi-host recipe as far as one machine goes: two processes of 4 host devices
     # joined by jax.distributed.initialize into one 8-device mesh.

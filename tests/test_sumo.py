@@ -92,6 +92,7 @@ def test_unbiased_for_the_iwae_bound_of_all_particles(tail, t_max):
     assert abs(sumo.mean() - iwae_m.mean()) > 30 * se
 
 
+@pytest.mark.slow
 def test_per_element_terms_and_gradient():
     log_w = jax.random.normal(jax.random.key(2), (21, 4))
     t = jnp.array([1, 3, 7, 20])
@@ -134,6 +135,7 @@ def log_evidence(x, mu0=0.0):
     return float(jnp.sum(dist.Normal(mu0, math.sqrt(2.0)).log_prob(x)))
 
 
+@pytest.mark.slow
 def test_exact_posterior_gives_log_p_at_every_key():
     params = {"mu0": 0.0, "loc": XS / 2, "log_scale": jnp.full(3, 0.5 * math.log(0.5))}
     for i in range(5):
@@ -152,6 +154,7 @@ def per_key(objective, keys, params=WIDE):
     return jax.jit(jax.vmap(one))(keys)
 
 
+@pytest.mark.slow
 def test_unbiased_for_the_iwae_bound_and_its_model_gradient():
     n = 4000
     value, grad = per_key(SUMO(), jax.random.split(jax.random.key(10), n))
@@ -173,6 +176,7 @@ def test_iwae_guide_objective_gives_the_guide_iwelbos_gradient():
         np.testing.assert_allclose(g[name], g_iw[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_variance_objective_reduces_the_estimators_variance():
     params = {"mu0": 0.0, "loc": jnp.zeros(3), "log_scale": jnp.full(3, 0.7)}
     keys = jax.random.split(jax.random.key(20), 2000)

@@ -268,6 +268,7 @@ def subsampled_local_model(x, batch=None):
         numpyro.sample("x", dist.Normal(z, 0.7), obs=x[idx])
 
 
+@pytest.mark.slow
 def test_subsample_trained_autoguide_on_full_data_says_what_happens():
     x = jnp.asarray(np.random.default_rng(0).normal(size=12))
     guide = AutoNormal(subsampled_local_model)
@@ -350,6 +351,7 @@ def funnel_3(safe, shared):
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("estimator", ["reparam", "stl", "dreg"])
+@pytest.mark.slow
 def test_zero_weight_particles_give_finite_and_exact_gradients(estimator, shared):
     params = {"loc": 0.0, "scale": 100.0, "x_scale": 1.0} | ({"a": 1.0} if shared else {})
     elbo = IWELBO(50, gradient_estimator=estimator)
@@ -477,6 +479,7 @@ def test_numpyro_validation_warnings_as_trace_elbo_gives_them():
         IWELBO(1).loss(jax.random.key(0), {}, model2, guide2)
 
 
+@pytest.mark.slow
 def test_autosemidais_local_only_at_k_1_as_numpyro_tests_it():
     # NumPyro's test_autosemidais_local_only with IWELBO(1) for Trace_ELBO: the guide
     # draws a global site from local ones; at K = 1 every weighting is the ELBO.

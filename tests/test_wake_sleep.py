@@ -45,6 +45,7 @@ def grads(elbo, keys, model, guide, params, *args):
 
 
 @pytest.mark.parametrize("insomnia", [1.0, 0.3])
+@pytest.mark.slow
 def test_loss_is_the_negative_iwae_bound_and_theta_gets_its_gradient(insomnia):
     key = jax.random.key(3)
     rws = ReweightedWakeSleep(8, insomnia)
@@ -120,6 +121,7 @@ def test_wake_phi_expected_gradient_matches_exact_enumeration():
     assert np.max(np.abs(exact) / se) > 10
 
 
+@pytest.mark.slow
 def test_defensive_proposal_matches_exact_enumeration():
     k, n_keys = 3, 4000
     keys = jax.random.split(jax.random.key(4), n_keys)
