@@ -723,9 +723,17 @@ def main(argv: list[str] | None = None) -> dict:
         "pictures": written,
     }
     (args.out / f"{tag}.json").write_text(json.dumps(result, indent=2))
+    trust = (
+        "; k-hat above 0.7 for most images: the s.e. is not to be trusted (see the docs' "
+        "'When the guide is poor')"
+        if result["k_hat_median"] > 0.7
+        else ""
+    )
     print(
         f"test NLL {result['test_nll']:.2f} +- {result['test_nll_stderr']:.3f} nats "
-        f"(K = {args.eval_particles}, {eval_minutes:.1f} min); bounds "
+        f"(median k-hat {result['k_hat_median']:.2f}, "
+        f"{100 * result['k_hat_above_0.7']:.0f}% of images above 0.7{trust}; "
+        f"K = {args.eval_particles}, {eval_minutes:.1f} min); bounds "
         + ", ".join(f"{k} = {v:.2f}" for k, v in bounds.items())
         + (f"; active units {units}" if units is not None else "")
     )

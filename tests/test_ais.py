@@ -61,6 +61,7 @@ def test_schedule_runs_from_zero_to_one_and_rises():
     assert betas[0] == 0.0 and betas[-1] == 1.0 and np.all(np.diff(betas) > 0)
 
 
+@pytest.mark.slow
 def test_exact_proposal_gives_the_normalizing_constant_at_every_key():
     for i in range(3):
         out = run(jax.random.key(i), shift=0.0, scale=1.0, betas=sigmoid_schedule(20))
@@ -68,6 +69,7 @@ def test_exact_proposal_gives_the_normalizing_constant_at_every_key():
         assert np.all(np.asarray(out.acceptance) > 0.5)  # the moves really happened
 
 
+@pytest.mark.slow
 def test_unbiased_where_importance_sampling_is_heavy_tailed():
     # The proposal is narrower than the target (0.6 of its scale) and moved 1.2 target
     # standard deviations: importance weights with infinite variance.
@@ -141,6 +143,7 @@ def coverage(est, k):
     return np.mean(np.abs(np.asarray(est.pointwise, np.float64) - EXACT) < 2 * se)
 
 
+@pytest.mark.slow
 def test_annealing_with_the_exact_posterior_gives_log_p_for_every_particle():
     exact_guide = partial(guide, shift=0.0, scale=math.sqrt(0.5))
     est = MarginalLikelihood(model, exact_guide, num_particles=20, annealing_steps=10)(

@@ -71,6 +71,7 @@ def float_tol(truth):
 
 
 @pytest.mark.parametrize("num_particles", [1, 7, 64])
+@pytest.mark.slow
 def test_exact_posterior_gives_log_evidence_per_datapoint(num_particles):
     truth = log_evidence(X, A, B, SIG).sum()
     loss = IWELBO(num_particles).loss(
@@ -337,6 +338,7 @@ def test_numpyro_module_parameters_get_gradients():
     assert_within(ours, math.hypot(se1, se2), ref, what="module model K=1 vs Trace_ELBO")
 
 
+@pytest.mark.slow
 def test_svi_update_and_evaluate_under_jit():
     svi = SVI(local_model, local_guide, optax.adam(0.05), IWELBO(8))
     state = svi.init(jax.random.key(0), X)
@@ -352,6 +354,7 @@ def test_svi_update_and_evaluate_under_jit():
     assert np.allclose(value, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_mutable_state_is_averaged_over_particles():
     def model():
         state = numpyro.primitives.mutable("stats", {"z": jnp.zeros(()), "twice": jnp.zeros(())})
@@ -428,6 +431,7 @@ def test_guide_shape_mismatch():
         IWELBO(2).loss(jax.random.key(0), {}, model, guide)
 
 
+@pytest.mark.slow
 def test_discrete_guide_site_bound_value_is_exact_at_exact_posterior():
     # p(c) = Bernoulli(0.3), y | c ~ N(2c, 1): the guide q(c) = p(c | y) makes every
     # weight equal p(y), whatever the discrete draws.

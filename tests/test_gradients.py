@@ -81,6 +81,7 @@ def assert_means_agree(a, b, what, z=5.0):
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "dreg"])
+@pytest.mark.slow
 def test_unbiased_estimators_match_reference_gradient(estimator):
     reps, k = 3000, 8
     ref = grads(lambda p, key: reference_loss(p, key, k), reps, seed=1)
@@ -112,6 +113,7 @@ def test_model_gradient_is_the_same_for_every_estimator():
                 np.testing.assert_allclose(g[e][n], g["reparam"][n], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dreg_reduces_guide_gradient_variance():
     reps, k = 2000, 16
     rep = grads(ours("reparam", k), reps, seed=4)
@@ -121,6 +123,7 @@ def test_dreg_reduces_guide_gradient_variance():
         assert np.all(ratio < 0.8), f"{n}: variance ratio dreg/reparam {ratio}"
 
 
+@pytest.mark.slow
 def test_dreg_with_autoguide_transformed_sites():
     # AutoNormal draws a positive site through a transform (TransformedDistribution
     # with intermediates): DReG must keep the sample path through the transform.
@@ -176,6 +179,7 @@ def exact_mixture_bound(logits, k):
 
 
 @pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.slow
 def test_vimco_matches_exact_gradient_categorical(k):
     logits = jnp.array([0.4, -0.3, 0.1])
     exact = np.asarray(jax.grad(exact_mixture_bound)(logits, k))
@@ -316,6 +320,7 @@ def test_estimators_agree_in_value_and_across_vectorization(estimator):
         np.testing.assert_allclose(grad_map[n], grad_vmap[n], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dreg_returns_mutable_state():
     def counting_model(x):
         state = numpyro.primitives.mutable("state", {"mean_z": jnp.zeros(x.shape[0])})

@@ -166,6 +166,7 @@ def test_auto_weighting_is_joint_for_small_plates_and_local_for_large():
         )
 
 
+@pytest.mark.slow
 def test_default_minibatch_loss_averages_to_the_default_full_data_loss():
     # The default objective is decided from the model's structure and full plate
     # size, so minibatches estimate the full-data objective without bias (the old
@@ -177,6 +178,7 @@ def test_default_minibatch_loss_averages_to_the_default_full_data_loss():
     assert abs(full - mini) < 3 * math.hypot(se_full, se_mini), (full, mini, se_full, se_mini)
 
 
+@pytest.mark.slow
 def test_vectorize_particles_false_gives_the_same_bound():
     params = poor_params(X20)
     vmapped = bounds(IWELBO(8, weighting="local"), params, X20, 4)
@@ -197,6 +199,7 @@ def test_stl_gradient_vanishes_at_the_exact_posterior(k):
         np.testing.assert_allclose(value, 0.0, atol=2e-3, err_msg=name)
 
 
+@pytest.mark.slow
 def test_dreg_gradient_is_unbiased_for_the_reparam_gradient():
     params = poor_params(X20)
     rep = grads(IWELBO(8, weighting="local"), params, X20, 3000)
@@ -251,6 +254,7 @@ def nested_model(x):  # x: (groups, obs per group)
             numpyro.sample("x", dist.Normal(z, S), obs=x)
 
 
+@pytest.mark.slow
 def test_latents_nested_deeper_stay_inside_their_elements_weight():
     x = jnp.reshape(X20, (5, 4))
     guide = AutoNormal(nested_model)
@@ -307,6 +311,7 @@ def test_a_joint_guide_over_all_sites_leaves_nothing_to_weight():
     assert abs(float(loss) - float(elbo)) < 0.05 * abs(float(elbo))
 
 
+@pytest.mark.slow
 def test_a_guide_drawing_global_sites_from_local_ones_is_refused():
     def backwards_guide(x, subsample=None):
         with numpyro.plate("data", x.shape[0]):
@@ -340,6 +345,7 @@ def test_subsampled_logistic_regression_runs_by_default():
     assert np.all(np.isfinite(result.losses))
 
 
+@pytest.mark.slow
 def test_discrete_global_site_gets_an_unbiased_score_function_gradient():
     x = X20[:6]
 

@@ -59,6 +59,7 @@ def test_miwae_with_m_not_k_against_the_same_particles():
     assert abs(float(jnp.sum(swapped)) - float(jnp.sum(want))) > 1e-3 * abs(float(jnp.sum(want)))
 
 
+@pytest.mark.slow
 def test_ciwae_is_linear_in_beta_on_the_same_particles():
     k, key = 6, jax.random.key(1)
     log_w = shared_log_w(POOR, k, key)
@@ -99,12 +100,14 @@ def test_renyi_bound_decreases_in_alpha_and_is_exact_at_the_posterior():
         np.testing.assert_allclose(-float(loss), LOG_PX, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_renyi_agrees_with_numpyros_class_where_it_applies():
     ours, se_ours = mean_se(RenyiELBO(alpha=0.5, num_particles=4), POOR)
     theirs, se_theirs = mean_se(NumPyroRenyiELBO(alpha=0.5, num_particles=4), POOR, seed=1)
     assert abs(ours - theirs) < 3 * math.hypot(se_ours, se_theirs)
 
 
+@pytest.mark.slow
 def test_miwae_dreg_is_unbiased_for_its_reparam_gradient():
     def grads(objective, seed):
         keys = jax.random.split(jax.random.key(seed), 3000)
@@ -130,6 +133,7 @@ def discrete_guide():
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.slow
 def test_renyi_gradient_of_a_discrete_site_against_exact_enumeration(alpha):
     k = 2
 
@@ -214,6 +218,7 @@ def test_piwae_gives_the_model_iwae_mk_and_the_guide_miwae(weighting):
 
 
 @pytest.mark.parametrize("weighting", ["joint", "local"])
+@pytest.mark.slow
 def test_piwae_dreg_gives_the_guide_miwae_dregs_gradient(weighting):
     m, k, key = 3, 4, jax.random.key(8)
     params = {**POOR, "mu0": jnp.asarray(0.2)}

@@ -25,6 +25,7 @@ from numpyro_iwae.estimators import (
 )
 
 
+@pytest.mark.slow
 def test_expected_number_of_terms():
     # E[T] = sum_k P(T >= k): the cost of one estimate beyond its m particles.
     expected = float(jnp.sum(sumo_survival(jnp.arange(1, 100_000))))
@@ -73,6 +74,7 @@ def test_exact_posterior_gives_log_p_for_every_t():
 
 
 @pytest.mark.parametrize("tail, t_max", [((80, 0.9), 80), ((5, 0.7), 20)])
+@pytest.mark.slow
 def test_unbiased_for_the_iwae_bound_of_all_particles(tail, t_max):
     # Bounded weights with E[w] = 1 and T_max = 80 (no geometric tail: a light-tailed
     # estimate, so the sample standard error is reliable): E[SUMO] = E[IWAE_81], while
@@ -168,6 +170,7 @@ def test_unbiased_for_the_iwae_bound_and_its_model_gradient():
     assert np.mean(value) - np.mean(elbo) > 5 * se  # SUMO is above the ELBO
 
 
+@pytest.mark.slow
 def test_iwae_guide_objective_gives_the_guide_iwelbos_gradient():
     key = jax.random.key(3)
     _, g = per_key(SUMO(guide_objective="iwae"), key[None])
@@ -192,6 +195,7 @@ def test_variance_objective_reduces_the_estimators_variance():
     assert after < 0.2 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_terms_vary_across_steps_of_a_jitted_svi_loop(monkeypatch):
     # Record T at run time (a debug callback fires per execution, not per trace).
     import numpyro_iwae.sumo as sumo_module
@@ -255,6 +259,7 @@ def shifted_guide(x, shift=0.45):
         numpyro.sample("z", dist.Normal(x / 2 + shift, POST_SCALE))
 
 
+@pytest.mark.slow
 def test_evaluator_is_exact_with_the_exact_posterior():
     exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(EVAL_X)
     for max_terms in (80, None):

@@ -100,6 +100,7 @@ def test_guide_factor_with_path_estimators_is_refused(estimator):
         IWELBO(4, gradient_estimator=estimator).loss(jax.random.key(0), {}, global_model, guide, X)
 
 
+@pytest.mark.slow
 def test_auto_dais_k1_agrees_with_trace_elbo():
     guide = AutoDAIS(global_model, K=2)
     svi = SVI(global_model, guide, optax.adam(0.01), IWELBO(1))
@@ -133,6 +134,7 @@ def test_autoguide_first_used_outside_svi_still_trains(first_use):
 
 
 @pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.slow
 def test_python_scalar_guide_value_and_state(k):
     def model():
         numpyro.primitives.mutable("count", 1.0)
@@ -199,6 +201,7 @@ def test_point_mass_guides_are_refused_by_marginal_likelihood(guide_class):
     assert abs(float(iw) - float(tr)) < 1e-4
 
 
+@pytest.mark.slow
 def test_hand_written_delta_guide_is_refused_and_transforms_of_draws_are_not():
     def guide(x):
         numpyro.sample("z", dist.Delta(0.3))
@@ -296,6 +299,7 @@ def local_guide(x):
 
 
 @pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.slow
 def test_nan_data_is_never_an_infinite_loss_or_evidence(validate):
     x = jnp.asarray(X).at[2].set(jnp.nan)
     params = {"loc": jnp.zeros(4)}
@@ -390,6 +394,7 @@ def local_funnel_guide():
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "dreg"])
+@pytest.mark.slow
 def test_zero_weight_particles_under_local_weighting(estimator):
     params = {"mu_loc": 0.2, "v_loc": 0.0}
     elbo = IWELBO(50, gradient_estimator=estimator, weighting="local")
@@ -453,6 +458,7 @@ def test_point_mass_next_to_a_random_auxiliary_draw_is_refused():
         ml(jax.random.key(1), X)
 
 
+@pytest.mark.slow
 def test_numpyro_validation_warnings_as_trace_elbo_gives_them():
     # NumPyro's test_missing_plate_in_model and test_check_model_guide_match (6.).
     def model():
@@ -550,6 +556,7 @@ def test_forward_mode_differentiation_fits_a_while_loop_model(estimator):
         svi.run(jax.random.key(0), 2, x, progress_bar=False, forward_mode_differentiation=True)
 
 
+@pytest.mark.slow
 def test_forward_mode_gradient_ignores_particles_of_weight_zero():
     # Half the guide's mass lies where the model's density is zero (z < 0 for a
     # HalfNormal): those particles' tangents are NaN, their weight zero.

@@ -109,6 +109,7 @@ def exact_wake_phi(k: int, defensive: float = 0.0) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 def test_wake_phi_expected_gradient_matches_exact_enumeration():
     k, n_keys = 3, 4000
     keys = jax.random.split(jax.random.key(0), n_keys)
@@ -143,6 +144,7 @@ def test_defensive_proposal_matches_exact_enumeration():
 # ------------------------------------------------------------ sleep: analytic gradient
 
 
+@pytest.mark.slow
 def test_sleep_phi_gradient_matches_its_analytic_value():
     # insomnia = 0: the guide gets only sleep-phi, -E_{p(z, x)} grad log q(z | x), with
     # z ~ N(prior_loc, 1), x ~ N(z, SIGMA) drawn from the model at every step.
@@ -180,6 +182,7 @@ def test_sleep_phi_gradient_matches_its_analytic_value():
         ({"a": 0.1, "b": -0.3, "log_s": 0.3}, False),  # far from it: DReG's variance is higher
     ],
 )
+@pytest.mark.slow
 def test_dreg_is_unbiased_for_wake_phi(guide_params, lower_variance):
     n_keys = 3000
     keys = jax.random.split(jax.random.key(2), n_keys)
@@ -228,6 +231,7 @@ def subsampled_guide(x):
         numpyro.sample("z", dist.Normal(loc[idx], 1.0))
 
 
+@pytest.mark.slow
 def test_sleep_needs_to_know_the_guides_inputs():
     params = {"loc": jnp.zeros(3)}
     key = jax.random.key(0)

@@ -44,6 +44,7 @@ def weights(model, guide, *args, k=4, key=0, **kwargs):
     return log_weights(Program(model, guide, args, kwargs), {}, jax.random.key(key), k, vmap)
 
 
+@pytest.mark.slow
 def test_local_latents_give_one_weight_per_datapoint():
     w, structure = weights(model, guide, X, k=6)
     assert structure.names == ("data",) and structure.sizes == (5,)
@@ -98,6 +99,7 @@ def test_global_latent_makes_weights_joint():
     assert structure.outside_sites == ("z",)
 
 
+@pytest.mark.slow
 def test_autodiagonal_guide_is_joint_over_its_plate():
     # AutoDiagonalNormal draws all latents as one site outside every plate, so the
     # weights cannot be split per datapoint even though the model's can.
@@ -107,6 +109,7 @@ def test_autodiagonal_guide_is_joint_over_its_plate():
     assert structure.names == () and w.log_p.shape == (3,)
 
 
+@pytest.mark.slow
 def test_subsample_scale_is_separated_from_user_scale():
     def smodel(x):
         with numpyro.plate("data", 10, subsample_size=4):
@@ -126,6 +129,7 @@ def test_subsample_scale_is_separated_from_user_scale():
     assert np.all(z_term <= 0.5 * normal_logpdf(0.0, 0.0, 1.0) + 1e-6)
 
 
+@pytest.mark.slow
 def test_same_subsample_for_every_particle():
     def smodel(x):
         with numpyro.plate("data", 50, subsample_size=5) as idx:
@@ -146,6 +150,7 @@ def test_same_subsample_for_every_particle():
     assert np.all(np.ptp(log_p, axis=0) < 1e-3 * np.abs(log_p).max(axis=0))
 
 
+@pytest.mark.slow
 def test_nan_log_weight_is_weight_zero():
     w, _ = weights(model, guide, X, k=2)
     broken = w._replace(log_p=w.log_p.at[0, 0].set(jnp.nan))

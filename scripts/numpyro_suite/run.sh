@@ -11,6 +11,6 @@ mode=${2:-iwelbo}
 shift 2 || shift $#
 cd "$numpyro"
 NUMPYRO_IWAE_SUBSTITUTE=$mode PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=cpu \
-    python -m pytest -p numpyro_iwae_substitute -q -rfE --no-header -p no:cacheprovider \
+    python -m pytest -p numpyro_iwae_substitute -q -rfE --no-header --color=no -p no:cacheprovider \
     test/infer/test_svi.py test/infer/test_autoguide.py test/contrib/test_module.py "$@" \
     2>&1 | tee "$here/results-$mode.txt" | tail -n 60
