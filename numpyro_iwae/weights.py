@@ -508,6 +508,16 @@ def plan(
                 "is not part of `params`: pass it too, e.g. "
                 "mutable_state=svi_result.state.mutable_state."
             ) from err
+        mismatch = _plate_size_mismatch(program, params, rng_key)
+        if mismatch:
+            raise ValueError(
+                "Model and guide disagree on plate sizes ("
+                + "; ".join(f"'{n}': guide {g}, model {m}" for n, g, m in mismatch)
+                + "), so the model failed on the guide's draw. The guide was built for "
+                "data of another size: an AutoGuide fixes its plates' sizes at first use. "
+                "For data of this size build a fresh guide of the same class (and, to "
+                "score a fitted model, fit it there or pass its global parameters)."
+            ) from err
         raise
     if len(found) == 1:
         return found[0]
@@ -519,6 +529,35 @@ def plan(
             return joint  # a joint guide over all sites: joint weights are what it allows
         raise
     return replace(local, unweighted=not weighted)
+
+
+def _plate_size_mismatch(
+    program: Program, params: Mapping[str, Any], rng_key: jax.Array
+) -> list[tuple[str, int, int]]:
+    """``(plate, guide size, model size)`` for plates that model and guide, each
+    traced on its own (the model from its prior), declare with different full sizes.
+    Empty if either cannot be traced on its own.
+    """
+
+    def sizes(tr: Trace) -> dict[str, int]:
+        return {n: int(s["args"][0]) for n, s in tr.items() if s["type"] == "plate"}
+
+    def traces(key: jax.Array) -> tuple[dict, dict]:
+        guide = program.trace_guide(params, key[1])
+        model = trace(substitute(seed(program.model, key[0]), data=dict(params)))
+        return sizes(guide), sizes(model.get_trace(*program.args, **program.kwargs))
+
+    found: list = []
+    try:
+        jax.eval_shape(lambda key: found.append(traces(key)), rng_key)
+    except Exception:
+        return []
+    guide_sizes, model_sizes = found[0]
+    return [
+        (n, guide_sizes[n], model_sizes[n])
+        for n in sorted(set(guide_sizes) & set(model_sizes))
+        if guide_sizes[n] != model_sizes[n]
+    ]
 
 
 #: Under ``weighting="auto"``, local weighting is chosen for latents inside a plate

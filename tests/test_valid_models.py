@@ -575,3 +575,21 @@ def test_forward_mode_gradient_ignores_particles_of_weight_zero():
     g_fwd = jax.jacfwd(loss)(params, key)["loc"]
     assert np.isfinite(g_fwd)
     np.testing.assert_allclose(g_fwd, g_rev, rtol=1e-5)
+
+
+def test_a_guide_built_for_data_of_another_size_says_so():
+    def model(x):
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(0, 1))
+            numpyro.sample("x", dist.Normal(z, 1), obs=x)
+
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, optax.adam(0.1), Trace_ELBO())
+    params = svi.run(jax.random.key(0), 5, jnp.zeros(10), progress_bar=False).params
+    match = r"plate sizes \('data': guide 10, model 20\).*another size"
+    with pytest.raises(ValueError, match=match):
+        MarginalLikelihood(model, guide, params=params, num_particles=4)(
+            jax.random.key(0), jnp.zeros(20)
+        )
+    with pytest.raises(ValueError, match=match):
+        IWELBO(4).loss(jax.random.key(0), params, model, guide, jnp.zeros(20))
