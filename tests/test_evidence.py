@@ -102,8 +102,17 @@ def test_k_hat_agrees_with_arviz_psislw():
     est = estimate(params(0.5, 0.6), k=3000, return_log_weights=True)
     log_w = np.asarray(est.log_weights, np.float64)
     assert log_w.shape == (3000, 6)
-    _, ref = az.psislw(log_w.T.copy())
-    np.testing.assert_allclose(est.k_hat, ref, atol=2e-3)
+    if hasattr(az, "psislw"):  # ArviZ 0.x: the same estimator
+        _, ref = az.psislw(log_w.T.copy())
+        atol = 2e-3
+    else:  # ArviZ 1.x: arviz-stats' array interface, which takes the negated log ratios
+        from arviz_stats.base import array_stats
+
+        _, ref = array_stats.psislw(-log_w.T.copy(), axis=-1)
+        # Its tail fit differs in detail: up to 0.025 here, against a sampling s.d. of
+        # k-hat of about (1 + k) / sqrt(M) = 0.13 with M = 165 tail weights.
+        atol = 0.03
+    np.testing.assert_allclose(est.k_hat, ref, atol=atol)
     # The returned weights are the ones the estimate was built from.
     lse = np.logaddexp.reduce(log_w, axis=0) - math.log(3000)
     np.testing.assert_allclose(est.pointwise, lse, rtol=1e-5)
