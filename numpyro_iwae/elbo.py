@@ -156,10 +156,10 @@ class IWELBO(ELBO):
     a plate element has weight zero, the bound is ``-inf`` and the loss ``+inf``,
     never NaN.
 
-    **NaN data.** An observed value that is NaN (and not masked) makes its plate
-    element's bound, and so the loss, NaN, as with ``Trace_ELBO``; it is not read
-    as a weight of zero. :class:`~numpyro_iwae.MarginalLikelihood` raises an error
-    naming the site.
+    **NaN or infinite data.** An observed value that is NaN (as with ``Trace_ELBO``)
+    or infinite (where ``Trace_ELBO``'s loss is ``+inf``), and not masked, makes its
+    plate element's bound, and so the loss, NaN; it is not read as a weight of zero.
+    :class:`~numpyro_iwae.MarginalLikelihood` raises an error naming the site.
 
     **Guide factors.** ``numpyro.factor`` and observed sites in the guide enter
     :math:`\log q` as in ``Trace_ELBO``, per plate element. ``"stl"`` and ``"dreg"``

@@ -827,7 +827,7 @@ def _raise_on_nan_data(nan_data: dict[str, jax.Array], plates: dict[str, tuple[s
         for n, idx in sorted(bad.items())
     )
     raise ValueError(
-        f"Observed data holds NaN: {where}. log p(x) is not defined there. Drop those "
+        f"Observed data holds NaN or inf: {where}. log p(x) is not defined there. Drop those "
         "rows, or mask them (numpyro.handlers.mask, or obs_mask= in numpyro.sample)."
     )
 

@@ -394,15 +394,14 @@ def point_mass_sites(
 
 
 def _nan_data(site: dict[str, Any], log_prob: jax.Array, structure: PlateStructure) -> jax.Array:
-    """Plate elements where an observed value is NaN and not masked (its
-    ``log_prob`` is NaN, or ``-inf`` under NumPyro's validation, there; a mask makes
-    it 0).
+    """Plate elements where an observed value is NaN or infinite and not masked (its
+    ``log_prob`` is then NaN or ``-inf``; a mask makes it 0).
     """
     value = jnp.asarray(site["value"])
     if not jnp.issubdtype(value.dtype, jnp.inexact):
         return jnp.zeros(structure.group_shape(structure.group_of(site["name"])), bool)
     event_dim = min(site["fn"].event_dim, value.ndim)
-    nan = jnp.isnan(value)
+    nan = ~jnp.isfinite(value)
     if event_dim:
         nan = jnp.any(nan, axis=tuple(range(-event_dim, 0)))
     bad = ~jnp.isfinite(log_prob) & nan

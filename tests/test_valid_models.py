@@ -301,14 +301,16 @@ def local_guide(x):
 @pytest.mark.parametrize("validate", [False, True])
 @pytest.mark.slow
 def test_nan_data_is_never_an_infinite_loss_or_evidence(validate):
-    x = jnp.asarray(X).at[2].set(jnp.nan)
     params = {"loc": jnp.zeros(4)}
-    with numpyro.validation_enabled(validate):
-        loss = IWELBO(4).loss(jax.random.key(0), params, local_model, local_guide, x)
-        assert np.isnan(float(loss))  # as Trace_ELBO: the loss shows the NaN
-        ml = MarginalLikelihood(local_model, local_guide, params=params, num_particles=16)
-        with pytest.raises(ValueError, match=r"'x' at 1 element\(s\) of plate\(s\) \['data'\]"):
-            ml(jax.random.key(1), x)
+    for bad in (jnp.nan, jnp.inf):
+        x = jnp.asarray(X).at[2].set(bad)
+        with numpyro.validation_enabled(validate):
+            loss = IWELBO(4).loss(jax.random.key(0), params, local_model, local_guide, x)
+            assert np.isnan(float(loss))  # the loss shows the bad datum
+            ml = MarginalLikelihood(local_model, local_guide, params=params, num_particles=16)
+            match = r"NaN or inf: 'x' at 1 element\(s\) of plate\(s\) \['data'\]"
+            with pytest.raises(ValueError, match=match):
+                ml(jax.random.key(1), x)
 
 
 def test_masked_nan_data_is_accepted():
