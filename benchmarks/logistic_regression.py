@@ -97,13 +97,15 @@ def main() -> dict:
         "Trace_ELBO": Trace_ELBO(),
         "IWELBO(8)": IWELBO(8),
         "IWELBO(8, weighting='joint')": IWELBO(8, weighting="joint"),
+        "IWELBO(8, DReG)": IWELBO(8, gradient_estimator="dreg"),
     }
     for name, elbo in objectives.items():
         row = out[name] = fit(elbo, features, labels)
         row["scale_over_sd"] = float(np.mean(np.asarray(row["scales"]) / w.std(0)))
+        row["scale_over_sd_each"] = (np.asarray(row["scales"]) / w.std(0)).round(2).tolist()
         print(
             f"{name:30s}w4 {row['w4']:.3f} +- {row['w4_scale']:.3f}  "
-            f"scale/sd {row['scale_over_sd']:.2f}  loss {row['final_loss']:.1f}  "
+            f"scale/sd {row['scale_over_sd_each']}  loss {row['final_loss']:.1f}  "
             f"ELBO {row['elbo'][0]:.2f} +- {row['elbo'][1]:.2f}  "
             f"IWAE-8 {row['iwae8'][0]:.2f} +- {row['iwae8'][1]:.2f}  {row['seconds']:.1f} s  "
             f"{[w.split(':')[0] for w in row['warnings']]}"
