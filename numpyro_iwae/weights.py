@@ -74,6 +74,7 @@ __all__ = [
     "caller_stacklevel",
     "check_subsampling",
     "choose_weighting",
+    "large_latent_plates",
     "draw_particles",
     "draw_with_keys",
     "log_weights",
@@ -590,10 +591,16 @@ def choose_weighting(joint: PlateStructure, num_particles: int | None = None) ->
         return "local" if joint.subsampled_joint_plates else "joint"
     if joint.subsampled_joint_plates:
         return "local"
-    sizes = dict(joint.joint_plates)
-    if any(sizes[name] >= AUTO_LOCAL_SIZE for name in joint.latent_plates):
-        return "local"
-    return "joint"
+    return "local" if large_latent_plates(joint) else "joint"
+
+
+def large_latent_plates(structure: PlateStructure) -> list[tuple[str, int]]:
+    """``(name, full size)`` of the plates that hold latents, lie outside some site
+    and have at least :data:`AUTO_LOCAL_SIZE` elements: where joint weights fall
+    towards the ELBO.
+    """
+    sizes = dict(structure.joint_plates)
+    return [(n, sizes[n]) for n in structure.latent_plates if sizes[n] >= AUTO_LOCAL_SIZE]
 
 
 def _dependencies(jaxpr: Any) -> list[set[int]]:
@@ -1176,8 +1183,7 @@ def check_subsampling(structure: PlateStructure, num_particles: int) -> None:
             "weights are joint over all data, and no unbiased minibatch estimate of the "
             f"K-particle bound exists (rescaling inside the logsumexp is biased). {remedy}"
         )
-    sizes = dict(structure.joint_plates)
-    large = [(n, sizes[n]) for n in structure.latent_plates if sizes[n] >= AUTO_LOCAL_SIZE]
+    large = large_latent_plates(structure)
     if large:
         warnings.warn(
             f"The importance weights are joint over plate(s) {large}, which hold latent "
