@@ -42,7 +42,8 @@ from numpyro.infer import SVI
 import optax
 
 from numpyro_iwae import IWELBO, ReweightedWakeSleep
-from numpyro_iwae.estimators import iwae_bound, with_score_terms
+from numpyro_iwae.maths.bounds import iwae_bound
+from numpyro_iwae.maths.surrogates import with_score_terms
 
 HERE = Path(__file__).resolve().parent
 C = 20

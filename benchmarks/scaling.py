@@ -90,7 +90,7 @@ CHILD = textwrap.dedent(
 
     # Per-device memory of the compiled evaluation at a fixed chunk of 100 particles:
     # XLA's own accounting of the SPMD program each device runs.
-    from numpyro_iwae.evidence import _split_static
+    from numpyro_iwae._jax import split_static
     for mode in ("data", "particles"):
         vec = shard_particles(mesh) if mode == "particles" else True
         data = x_split if mode == "data" else x
@@ -98,7 +98,7 @@ CHILD = textwrap.dedent(
             model, guide, params=params, num_particles=k, chunk_size=100,
             vectorize_particles=vec,
         )
-        dynamic, static = _split_static(((data,), {}))
+        dynamic, static = split_static(((data,), {}))
         compiled = ml._evaluate.lower(jax.random.key(0), params, dynamic, static).compile()
         memory = compiled.memory_analysis()
         rows.append({

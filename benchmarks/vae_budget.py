@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from numpyro_iwae import MarginalLikelihood
-from numpyro_iwae.estimators import iwae_bound
+from numpyro_iwae.maths.bounds import iwae_bound
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -15,6 +15,7 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
 napoleon_google_docstring = True
+napoleon_use_ivar = True  # NamedTuple fields are documented once, in their class
 napoleon_numpy_docstring = False
 exclude_patterns = ["_build"]
 html_theme = "alabaster"

@@ -47,12 +47,8 @@ import numpyro.distributions as dist
 import optax
 
 from numpyro_iwae import MarginalLikelihood, SUMOMarginal
-from numpyro_iwae.estimators import (
-    expected_sumo_terms,
-    iwae_bound,
-    sample_sumo_terms,
-    sumo_estimate,
-)
+from numpyro_iwae.maths.bounds import iwae_bound
+from numpyro_iwae.maths.sumo import expected_sumo_terms, sample_sumo_terms, sumo_estimate
 
 # ---------------------------------------------------------------- the targets
 

@@ -14,14 +14,23 @@ Public names:
 - :class:`UnweightedBoundWarning`: nothing is importance weighted; the objective is the ELBO.
 """
 
-from numpyro_iwae.elbo import IWELBO
-from numpyro_iwae.evidence import LogMarginalEstimate, MarginalLikelihood
-from numpyro_iwae.objectives import CIWAE, MIWAE, PIWAE, RenyiELBO
+from numpyro_iwae.core.plan import JointWeightsWarning, UnweightedBoundWarning
+from numpyro_iwae.evaluators import (
+    LogMarginalEstimate,
+    MarginalLikelihood,
+    SUMOEstimate,
+    SUMOMarginal,
+)
+from numpyro_iwae.objectives import (
+    CIWAE,
+    IWELBO,
+    MIWAE,
+    PIWAE,
+    SUMO,
+    RenyiELBO,
+    ReweightedWakeSleep,
+)
 from numpyro_iwae.sharding import ShardedParticles, shard_particles
-from numpyro_iwae.sumo import SUMO
-from numpyro_iwae.sumo_evidence import SUMOEstimate, SUMOMarginal
-from numpyro_iwae.wake_sleep import ReweightedWakeSleep
-from numpyro_iwae.weights import JointWeightsWarning, UnweightedBoundWarning
 
 __all__ = [
     "CIWAE",

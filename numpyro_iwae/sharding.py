@@ -1,5 +1,6 @@
 """Particles split over the devices of a mesh: a ``vectorize_particles`` callable built on
 :func:`jax.shard_map`, for IWELBO, the rest of the family and the evaluators.
+
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import optax
 import pytest
 
 from numpyro_iwae import MarginalLikelihood
-from numpyro_iwae.ais import ais_log_weights, sigmoid_schedule
+from numpyro_iwae._jax import split_static
+from numpyro_iwae.maths.ais import ais_log_weights, sigmoid_schedule
 
 # Five plate elements, each a 2-D Gaussian target with its own normalizing constant.
 LOG_Z = jnp.array([-3.0, 0.5, 2.0, -1.0, 4.0])
@@ -270,11 +271,10 @@ def test_annealing_memory_grows_with_the_particles_only_as_importance_sampling_d
     # Streamed like importance sampling: beyond one chunk, the compiled evaluation holds
     # only the particles' keys (about 250 bytes a particle, whatever the data), and
     # annealing adds nothing per particle to that.
-    from numpyro_iwae.evidence import _split_static
 
     def temp_bytes(k, steps):
         ml = MarginalLikelihood(model, guide, num_particles=k, annealing_steps=steps, chunk_size=10)
-        dynamic, static = _split_static(((X,), {}))
+        dynamic, static = split_static(((X,), {}))
         compiled = ml._evaluate.lower(jax.random.key(0), {}, dynamic, static).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 

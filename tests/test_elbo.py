@@ -146,7 +146,8 @@ def test_subsampled_plate_is_unbiased_for_full_data_bound():
 
     # The test can tell: scaling N/B *inside* the logsumexp is a visible bias.
     def inside(key):
-        from numpyro_iwae.weights import Program, log_weights
+        from numpyro_iwae.core.draw import log_weights
+        from numpyro_iwae.core.program import Program
 
         program = Program(subsampled_model, subsampled_guide, (x, 3))
         weights, structure = log_weights(program, params, key, 8, lambda f, k: jax.vmap(f)(k))

@@ -1,4 +1,4 @@
-"""estimators.py: bound values and their gradients on plain arrays."""
+"""maths.bounds and maths.surrogates: bound values and their gradients on plain arrays."""
 
 import math
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_iwae.estimators import iwae_bound, normalized_weights
+from numpyro_iwae.maths.bounds import iwae_bound, normalized_weights
 
 
 def test_bound_is_log_mean_weight_per_element():

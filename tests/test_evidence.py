@@ -15,7 +15,7 @@ import numpyro.distributions as dist
 import pytest
 
 from numpyro_iwae import MarginalLikelihood
-from numpyro_iwae.evidence import pareto_k_hat, psis_tail_length
+from numpyro_iwae.maths.psis import pareto_k_hat, psis_tail_length
 
 SIG = 0.7
 X = np.random.default_rng(0).normal(size=(6, 1)) * 1.5

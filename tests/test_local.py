@@ -19,7 +19,9 @@ import optax
 import pytest
 
 from numpyro_iwae import IWELBO, JointWeightsWarning, MarginalLikelihood, UnweightedBoundWarning
-from numpyro_iwae.weights import Program, plan, split_keys
+from numpyro_iwae.core.draw import split_keys
+from numpyro_iwae.core.plan import plan
+from numpyro_iwae.core.program import Program
 
 TAU, S = 0.8, 0.6
 D = TAU**2 + S**2  # variance of x_n given mu

@@ -16,8 +16,9 @@ from numpyro.infer import RenyiELBO as NumPyroRenyiELBO
 import pytest
 
 from numpyro_iwae import CIWAE, IWELBO, MIWAE, PIWAE, RenyiELBO
-from numpyro_iwae.estimators import iwae_bound, renyi_bound
-from numpyro_iwae.weights import Program, log_weights
+from numpyro_iwae.core.draw import log_weights
+from numpyro_iwae.core.program import Program
+from numpyro_iwae.maths.bounds import iwae_bound, renyi_bound
 
 X = jnp.array([0.3, -1.2, 2.0, 0.7])
 

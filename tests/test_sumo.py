@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from numpyro_iwae import IWELBO, SUMO, SUMOMarginal
-from numpyro_iwae.estimators import (
+from numpyro_iwae.maths.sumo import (
     expected_sumo_terms,
     sample_sumo_terms,
     sumo_estimate,
@@ -198,7 +198,7 @@ def test_variance_objective_reduces_the_estimators_variance():
 @pytest.mark.slow
 def test_terms_vary_across_steps_of_a_jitted_svi_loop(monkeypatch):
     # Record T at run time (a debug callback fires per execution, not per trace).
-    import numpyro_iwae.sumo as sumo_module
+    import numpyro_iwae.objectives.sumo as sumo_module
 
     seen = []
 

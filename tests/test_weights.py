@@ -1,4 +1,4 @@
-"""weights.py: plate detection, per-element log weights, scales."""
+"""core.plates, core.draw and core.plan: plate detection, per-element log weights, scales."""
 
 import math
 
@@ -12,8 +12,9 @@ import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoDiagonalNormal
 import pytest
 
-from numpyro_iwae.estimators import iwae_bound
-from numpyro_iwae.weights import Program, log_weights
+from numpyro_iwae.core.draw import log_weights
+from numpyro_iwae.core.program import Program
+from numpyro_iwae.maths.bounds import iwae_bound
 
 A = np.array([1.0, -0.5, 2.0])
 B = np.array([0.1, 0.0, -0.3])
@@ -159,7 +160,8 @@ def test_nan_log_weight_is_weight_zero():
 
 @pytest.mark.parametrize("shared, shapes", [(False, None), (False, ((),)), (True, None)])
 def test_zero_weight_safe_ignores_particles_whose_weight_underflows(shared, shapes):
-    from numpyro_iwae.weights import ModelOutput, zero_weight_safe
+    from numpyro_iwae.core.guard import zero_weight_safe
+    from numpyro_iwae.core.program import ModelOutput
 
     # Particle 0 sits where d log p / dz = -inf, with log p = -1000: finite, but its
     # normalized weight underflows to exactly 0 beside the others (log p = -1).

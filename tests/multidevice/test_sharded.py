@@ -13,7 +13,8 @@ import optax
 import pytest
 
 from numpyro_iwae import IWELBO, SUMO, MarginalLikelihood, SUMOMarginal, shard_particles
-from numpyro_iwae.weights import Program, log_weights
+from numpyro_iwae.core.draw import log_weights
+from numpyro_iwae.core.program import Program
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 

@@ -1,6 +1,7 @@
 r"""SUMO (Luo et al., 2020) as a NumPyro ``ELBO``: an unbiased estimate of the IWAE
 bound of ``m + max_terms`` particles by randomized truncation, which tends to
 :math:`\log p(x)` as ``max_terms`` grows, per plate element.
+
 """
 
 from __future__ import annotations
@@ -10,28 +11,29 @@ from typing import Any
 
 import jax
 
-from numpyro_iwae.elbo import (
+from numpyro_iwae._jax import check_positive_int
+from numpyro_iwae.core.paths import split_gradient_paths
+from numpyro_iwae.core.plates import PlateStructure
+from numpyro_iwae.core.program import Program
+from numpyro_iwae.maths.bounds import iwae_bound
+from numpyro_iwae.maths.sumo import (
+    SUMO_TAIL_RATIO,
+    SUMO_TAIL_START,
+    sample_sumo_terms,
+    sumo_estimate,
+    sumo_survival,
+)
+from numpyro_iwae.maths.surrogates import zero_valued
+from numpyro_iwae.objectives.iwelbo import (
     IWELBO,
     average_particles,
-    check_positive_int,
     refuse_global_sites,
     total_objective,
     zero_weight_log_w,
 )
-from numpyro_iwae.estimators import (
-    SUMO_TAIL_RATIO,
-    SUMO_TAIL_START,
-    iwae_bound,
-    sample_sumo_terms,
-    split_gradient_paths,
-    sumo_estimate,
-    sumo_survival,
-    zero_valued,
-)
-from numpyro_iwae.plates import PlateStructure
-from numpyro_iwae.weights import Program
 
-__all__ = ["SUMO", "GUIDE_OBJECTIVES"]
+__all__ = ["GUIDE_OBJECTIVES", "SUMO"]
+
 
 #: What the guide's parameters optimise under :class:`SUMO`.
 GUIDE_OBJECTIVES = ("variance", "iwae")
@@ -48,9 +50,9 @@ class SUMO(IWELBO):
         \mathrm{SUMO} = \mathrm{IWAE}_m + \sum_{j=0}^{T-1}
             \frac{\mathrm{IWAE}_{m+j+1} - \mathrm{IWAE}_{m+j}}{P(T \ge j + 1)}
 
-    (:func:`~numpyro_iwae.estimators.sumo_estimate`), with T drawn afresh at every step
+    (:func:`~numpyro_iwae.maths.sumo.sumo_estimate`), with T drawn afresh at every step
     and for every plate element, inside ``jit``, with :math:`P(T \ge k) = 1/k` up to
-    80 and a geometric tail beyond (:func:`~numpyro_iwae.estimators.sample_sumo_terms`;
+    80 and a geometric tail beyond (:func:`~numpyro_iwae.maths.sumo.sample_sumo_terms`;
     :math:`\mathbb E[T] \approx 5.08`), truncated at ``max_terms``. Its expectation is
     exactly :math:`\mathbb E[\mathrm{IWAE}_{m + T_{\max}}]`, within the IWAE gap of
     :math:`m + T_{\max}` particles of :math:`\log p(x)`, so the model's parameters get
@@ -64,7 +66,7 @@ class SUMO(IWELBO):
     beyond T (shapes stay static under ``jit``): with the defaults that is 81 model
     evaluations where the estimator reads :math:`m + T \approx 6` on average. The
     variance grows quickly with ``max_terms`` beyond 80 (the geometric tail divides
-    by :math:`0.9^{j - 80}`; see :func:`~numpyro_iwae.estimators.sumo_estimate`).
+    by :math:`0.9^{j - 80}`; see :func:`~numpyro_iwae.maths.sumo.sumo_estimate`).
 
     Discrete guide sites and global latent sites under local weighting are refused.
 
@@ -72,7 +74,7 @@ class SUMO(IWELBO):
     :param max_terms: :math:`T_{\max}` (default 80).
     :param guide_objective: ``"variance"`` (default) or ``"iwae"``.
     :param tail_start: where the truncation distribution's geometric tail begins
-        (default 80; :func:`~numpyro_iwae.estimators.sumo_survival`).
+        (default 80; :func:`~numpyro_iwae.maths.sumo.sumo_survival`).
     :param tail_ratio: the tail's ratio (default 0.9).
     :param vectorize_particles: as for :class:`~numpyro_iwae.IWELBO`.
     :param weighting: as for :class:`~numpyro_iwae.IWELBO`.

@@ -3,44 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from numpyro.infer.elbo import ELBO
 
-from numpyro_iwae.estimators import (
-    dreg_log_weights,
-    iwae_bound,
-    nan_to_neginf,
-    with_score_terms,
-)
-from numpyro_iwae.plates import WEIGHTINGS, PlateStructure
-from numpyro_iwae.weights import (
-    GuideDraw,
-    Program,
-    any_nan_data,
-    check_subsampling,
-    draw_particles,
-    mark_nan_data,
-)
+from numpyro_iwae._jax import check_positive_int
+from numpyro_iwae.core.draw import draw_particles
+from numpyro_iwae.core.paths import dreg_log_weights
+from numpyro_iwae.core.plan import check_subsampling
+from numpyro_iwae.core.plates import WEIGHTINGS, PlateStructure
+from numpyro_iwae.core.program import GuideDraw, Program
+from numpyro_iwae.core.stages import any_nan_data, mark_nan_data
+from numpyro_iwae.maths.bounds import iwae_bound, nan_to_neginf
+from numpyro_iwae.maths.surrogates import with_score_terms
 
-__all__ = ["IWELBO", "GRADIENT_ESTIMATORS"]
+__all__ = [
+    "GRADIENT_ESTIMATORS",
+    "average_particles",
+    "IWELBO",
+    "zero_weight_log_w",
+    "total_objective",
+    "refuse_global_sites",
+    "local_objective",
+]
+
 
 #: The accepted values of ``IWELBO(gradient_estimator=...)``.
 GRADIENT_ESTIMATORS = ("reparam", "stl", "dreg")
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """Return ``value`` as an int, or raise naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"`{name}` must be a positive int, got {value!r} of type {type(value).__name__}."
-        )
-    if value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return int(value)
 
 
 def average_particles(state: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -102,13 +93,13 @@ class IWELBO(ELBO):
       the plate grows (a :class:`~numpyro_iwae.JointWeightsWarning` for large plates),
       and subsampling it with ``K > 1`` is an error (no unbiased estimate exists).
     - ``"auto"`` (default): importance-weights whatever can be weighted without
-      bias (:func:`~numpyro_iwae.weights.choose_weighting`). Global latents next to a
+      bias (:func:`~numpyro_iwae.core.plan.choose_weighting`). Global latents next to a
       plate of observations only (an ordinary regression): joint, the IWAE bound over
       the global latents, whose gain does not shrink with the data; if that plate is
       subsampled, the ELBO (no importance-weighted bound minibatches without bias
       there; an :class:`~numpyro_iwae.UnweightedBoundWarning` says so). Latents inside
       the plate: local if it is subsampled or has at least
-      :data:`~numpyro_iwae.weights.AUTO_LOCAL_SIZE` elements (before subsampling, so
+      :data:`~numpyro_iwae.core.plan.AUTO_LOCAL_SIZE` elements (before subsampling, so
       minibatches and full data get the same objective), joint otherwise. With
       K = 1 every weighting is the ELBO and ``"auto"`` is ``Trace_ELBO``'s. When every
       latent is local to the independent plates the two are the same.
@@ -152,7 +143,7 @@ class IWELBO(ELBO):
     derivatives are infinite (0 x inf would be NaN): its latent values get a zero
     cotangent, and if the model's shared parameters still get a non-finite one, the
     model's backward pass is redone with it moved onto a live particle of its plate
-    element (:func:`~numpyro_iwae.weights.zero_weight_safe`). If every particle of
+    element (:func:`~numpyro_iwae.core.guard.zero_weight_safe`). If every particle of
     a plate element has weight zero, the bound is ``-inf`` and the loss ``+inf``,
     never NaN.
 
@@ -169,7 +160,7 @@ class IWELBO(ELBO):
     **Discrete latents.** Guide sites without a reparameterized sampler
     (``Bernoulli``, ``Categorical``, ...) get the VIMCO score-function term with
     leave-one-out baselines (Mnih & Rezende, 2016; see
-    :func:`~numpyro_iwae.estimators.vimco_learning_signal`) on top of the pathwise
+    :func:`~numpyro_iwae.maths.surrogates.vimco_learning_signal`) on top of the pathwise
     gradient of the other sites; with ``K = 1`` it is the plain score-function
     estimator, without a baseline. ``"stl"`` and ``"dreg"`` change only the
     reparameterized sites.
@@ -331,7 +322,7 @@ class IWELBO(ELBO):
 
     def _draw_path(self) -> str | None:
         """Which stopped-parameter part of ``log q`` the draw must also compute
-        (``path`` of :func:`~numpyro_iwae.weights.draw_particles`).
+        (``path`` of :func:`~numpyro_iwae.core.draw.draw_particles`).
         """
         return None if self.gradient_estimator == "reparam" else self.gradient_estimator
 
@@ -351,7 +342,7 @@ def zero_weight_log_w(
 ) -> tuple[jax.Array, ...]:
     """Per group, NaN log weights mapped to ``-inf`` (weight zero), except at plate
     elements whose observed data is NaN, which stay NaN (see
-    :func:`~numpyro_iwae.weights.mark_nan_data`).
+    :func:`~numpyro_iwae.core.stages.mark_nan_data`).
     """
     nan_data = any_nan_data(output, structure)
     return tuple(mark_nan_data(nan_to_neginf(w), n) for w, n in zip(log_w, nan_data))

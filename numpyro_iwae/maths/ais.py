@@ -1,4 +1,4 @@
-r"""Annealed importance sampling (Neal, 2001) from a proposal q to an unnormalized target
+"""Annealed importance sampling (Neal, 2001) from a proposal q to an unnormalized target
 p, with Hamiltonian Monte Carlo transitions, one independent chain per plate element.
 
 The array-level core of ``MarginalLikelihood(..., annealing_steps=T)``: it knows
@@ -8,6 +8,7 @@ says how its leaves split into plate elements through two functions:
 ``element_expand(x, tree)`` lays a per-element array out against each leaf. Every
 element runs its own chain (its own acceptance), so one element's rejection does not
 stall another.
+
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["AISResult", "ais_log_weights", "sigmoid_schedule"]
+__all__ = ["TARGET_ACCEPTANCE", "sigmoid_schedule", "AISResult", "ais_log_weights"]
+
 
 #: The acceptance rate the step size adaptation aims at (HMC's usual 0.65).
 TARGET_ACCEPTANCE = 0.65
@@ -31,7 +33,7 @@ def sigmoid_schedule(num_steps: int, sharpness: float = 4.0) -> jax.Array:
     small near both ends, where the intermediate distributions change fastest.
 
     Example:
-        >>> from numpyro_iwae.ais import sigmoid_schedule
+        >>> from numpyro_iwae.maths.ais import sigmoid_schedule
         >>> [round(float(b), 3) for b in sigmoid_schedule(4)]
         [0.0, 0.105, 0.5, 0.895, 1.0]
 

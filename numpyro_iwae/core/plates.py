@@ -1,4 +1,4 @@
-r"""How a model/guide pair's log densities factorize over its plates.
+"""How a model/guide pair's log densities factorize over its plates.
 
 Given one traced particle (a model trace and a guide trace), this module finds
 which plates the importance weights are formed per element of, and reduces each
@@ -15,6 +15,7 @@ particle). Log densities are then a tuple with one array per group: group 0 of
 shape ``(K, *sizes)``, group ``i`` of shape ``(K, *sizes, local size i)``. Under
 ``weighting="joint"`` there is one group, the whole model, weighted over the
 particles (Burda et al., 2016).
+
 """
 
 from __future__ import annotations
@@ -29,19 +30,22 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "PlateStructure",
     "WEIGHTINGS",
-    "accumulate",
-    "is_latent",
-    "plate_structure",
+    "Trace",
     "sample_sites",
-    "site_log_density",
-    "site_log_prob",
+    "is_latent",
+    "PlateStructure",
+    "plate_structure",
     "to_plates",
+    "site_log_prob",
+    "site_log_density",
+    "accumulate",
 ]
+
 
 #: The accepted values of ``weighting``: how particles are weighted together.
 WEIGHTINGS = ("auto", "joint", "local")
+
 
 Trace = dict[str, dict[str, Any]]
 

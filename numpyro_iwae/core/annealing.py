@@ -1,5 +1,5 @@
 r"""The NumPyro side of annealed importance sampling: a guide's random draws as an
-unconstrained state, and the per-element log densities that :mod:`numpyro_iwae.ais`
+unconstrained state, and the per-element log densities that :mod:`numpyro_iwae.maths.ais`
 anneals between.
 
 The state is the guide's *random* draws (for ``AutoNormal`` the latent sites, for an
@@ -17,6 +17,7 @@ where :math:`q_{\mathrm{rest}}` holds the guide's other sites (a ``Delta`` site'
 ``log_density``, observed and factor sites). Their difference is the importance log
 weight :math:`\log p(x, z) - \log q(z)` of :class:`~numpyro_iwae.MarginalLikelihood`, so
 with no annealing steps AIS is importance sampling.
+
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions.transforms import biject_to
 
-from numpyro_iwae.estimators import plate_layout
-from numpyro_iwae.plates import PlateStructure, accumulate, sample_sites, to_plates
-from numpyro_iwae.weights import Program, _draw_data, _is_delta, _model_stage
+from numpyro_iwae.core.plates import PlateStructure, accumulate, sample_sites, to_plates
+from numpyro_iwae.core.program import Program, draw_data, is_delta
+from numpyro_iwae.core.stages import model_stage
+from numpyro_iwae.maths.layout import plate_layout
 
 __all__ = ["AnnealedDensity"]
 
 
 class AnnealedDensity:
-    """Per-particle functions for :func:`~numpyro_iwae.ais.ais_log_weights` from a
+    """Per-particle functions for :func:`~numpyro_iwae.maths.ais.ais_log_weights` from a
     model/guide pair: the initial state, the two log densities per plate element, and
     the per-element sum and layout of a state-shaped tree.
 
@@ -55,7 +57,7 @@ class AnnealedDensity:
         self.sites = {
             name: site
             for name, site in sample_sites(tr).items()
-            if not site["is_observed"] and not _is_delta(site["fn"])
+            if not site["is_observed"] and not is_delta(site["fn"])
         }
         discrete = sorted(n for n, s in self.sites.items() if s["fn"].support.is_discrete)
         if discrete:
@@ -82,9 +84,7 @@ class AnnealedDensity:
             {n: t.log_abs_det_jacobian(u[n], draws[n]) for n, t in self.transforms.items()},
             event_reduced=True,
         )
-        log_p, _ = _model_stage(
-            self.program, self.values, model_key, self.structure, _draw_data(tr)
-        )
+        log_p, _ = model_stage(self.program, self.values, model_key, self.structure, draw_data(tr))
         return log_q_draws + jacobian, log_p[0] - log_q_rest + jacobian
 
     def values_at(self, u: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
@@ -93,7 +93,7 @@ class AnnealedDensity:
         """
         draws = {n: t(u[n]) for n, t in self.transforms.items()}
         tr = self.program.trace_guide({**self.values, **draws}, jax.random.split(key)[0])
-        return _draw_data(tr)[0]
+        return draw_data(tr)[0]
 
     def element_sum(self, tree: dict[str, jax.Array], event_reduced: bool = False) -> jax.Array:
         """Sum a tree shaped like the state (or, with ``event_reduced``, like its batch

@@ -8,6 +8,7 @@ estimate of :math:`\mathrm{KL}(p_\theta(z \mid x) \,\|\, q_\phi(z \mid x))` from
 same particles (wake-:math:`\phi`), from samples of the model (sleep-:math:`\phi`),
 or a mixture of the two. Neither needs a path through the sampled values, so discrete
 and branching guides are trained without a score-function estimator of the bound.
+
 """
 
 from __future__ import annotations
@@ -21,25 +22,22 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
-from numpyro_iwae.elbo import (
+from numpyro_iwae._jax import check_positive_int, check_real, map_particles
+from numpyro_iwae.core.paths import split_gradient_paths
+from numpyro_iwae.core.plates import PlateStructure, accumulate, sample_sites
+from numpyro_iwae.core.program import GuideDraw, Program
+from numpyro_iwae.maths.bounds import iwae_bound
+from numpyro_iwae.maths.surrogates import wake_phi_surrogate, zero_valued
+from numpyro_iwae.objectives.iwelbo import (
     IWELBO,
     average_particles,
-    check_positive_int,
     refuse_global_sites,
     total_objective,
     zero_weight_log_w,
 )
-from numpyro_iwae.estimators import (
-    iwae_bound,
-    split_gradient_paths,
-    wake_phi_surrogate,
-    zero_valued,
-)
-from numpyro_iwae.objectives import _check_real
-from numpyro_iwae.plates import PlateStructure, accumulate, sample_sites
-from numpyro_iwae.weights import GuideDraw, Program, _map_particles
 
-__all__ = ["ReweightedWakeSleep", "SleepInputs", "default_sleep_inputs"]
+__all__ = ["SleepInputs", "default_sleep_inputs", "ReweightedWakeSleep"]
+
 
 #: ``sleep_inputs(observations, args, kwargs) -> (args, kwargs)``: the guide's
 #: arguments for observations drawn from the model (site name -> value).
@@ -105,7 +103,7 @@ class ReweightedWakeSleep(IWELBO):
       :math:`\sum_k \tilde w_k \nabla_\phi \log q_\phi(z_k \mid x)` at fixed
       :math:`z_k`, the self-normalized estimate of :math:`-\nabla_\phi
       \mathrm{KL}(p_\theta(z \mid x) \,\|\, q_\phi(z \mid x))`
-      (:func:`~numpyro_iwae.estimators.wake_phi_surrogate`); it keeps improving as
+      (:func:`~numpyro_iwae.maths.surrogates.wake_phi_surrogate`); it keeps improving as
       K grows and needs no reparameterization;
     - **sleep-**:math:`\phi`: the guide's parameters ascend :math:`\log
       q_\phi(z \mid x)` at :math:`(x, z) \sim p_\theta` (``num_sleep_particles``
@@ -187,7 +185,7 @@ class ReweightedWakeSleep(IWELBO):
         vectorize_particles: bool | Callable = True,
         weighting: str = "auto",
     ) -> None:
-        self.insomnia = _check_real(insomnia, "insomnia", 0.0, 1.0)
+        self.insomnia = check_real(insomnia, "insomnia", 0.0, 1.0)
         if num_sleep_particles is not None:
             num_sleep_particles = check_positive_int(num_sleep_particles, "num_sleep_particles")
         if sleep_inputs is not None and not callable(sleep_inputs):
@@ -317,7 +315,7 @@ class ReweightedWakeSleep(IWELBO):
                 )
             return accumulate(list(sites.values()), structure)
 
-        log_q = _map_particles(self.vectorize_particles_fn, guide_log_q, (values, plates))
+        log_q = map_particles(self.vectorize_particles_fn, guide_log_q, (values, plates))
         log_r = tuple(sg(q + s) for q, s in zip(draw.log_q_rep, draw.log_q_score))
         zeros = tuple(jnp.zeros_like(r) for r in log_r)
         # log_q_rep - log_q_rep_path: the guide's log q at fixed z, minus the proposal's

@@ -1,60 +1,39 @@
 r"""SUMO as an evaluator: an estimate of :math:`\log p(x)` per plate element, unbiased
 for the IWAE bound of many particles (or, untruncated, for :math:`\log p(x)`) at the
 cost of a few, with a standard error from independent replicates.
+
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from numpyro_iwae.elbo import check_positive_int
-from numpyro_iwae.estimators import (
+from numpyro_iwae._jax import Static, check_positive_int
+from numpyro_iwae.core.draw import draw_with_keys, split_keys
+from numpyro_iwae.core.program import Program
+from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
+from numpyro_iwae.evaluators.results import SUMOEstimate
+from numpyro_iwae.maths.bounds import nan_to_neginf
+from numpyro_iwae.maths.sumo import (
     SUMO_TAIL_RATIO,
     SUMO_TAIL_START,
-    nan_to_neginf,
     sample_sumo_terms,
     sumo_start,
     sumo_survival,
     sumo_update,
 )
-from numpyro_iwae.evidence import DEFAULT_MEMORY_BUDGET, Evaluator, _Static
-from numpyro_iwae.weights import Program, draw_with_keys, split_keys
 
-__all__ = ["SUMOEstimate", "SUMOMarginal"]
+__all__ = ["DEFAULT_SUMO_CHUNK", "SUMOMarginal"]
+
 
 #: Particles drawn at a time by :class:`SUMOMarginal` when ``chunk_size=None`` (fewer
 #: if the memory budget says so).
 DEFAULT_SUMO_CHUNK = 16
-
-
-class SUMOEstimate(NamedTuple):
-    r"""A SUMO estimate of :math:`\log p(x)` from independent replicates.
-
-    Attributes:
-        log_marginal: the mean over replicates of the summed estimate, the sum of
-            ``pointwise``.
-        pointwise: the mean over replicates, per element of the plates that enclose
-            every sample site (shape ``()`` when there is no such plate).
-        stderr: standard error of ``log_marginal``: the replicates' sample standard
-            deviation of their sums over :math:`\sqrt R` (NaN for one replicate).
-        pointwise_stderr: the same per element.
-        replicates: the ``(R, *plate_shape)`` estimates themselves.
-        mean_particles: particles drawn (model evaluations per element) per
-            replicate, on average: the cost.
-
-    """
-
-    log_marginal: jax.Array
-    pointwise: jax.Array
-    stderr: jax.Array
-    pointwise_stderr: jax.Array
-    replicates: jax.Array
-    mean_particles: jax.Array
 
 
 class SUMOMarginal(Evaluator):
@@ -74,14 +53,14 @@ class SUMOMarginal(Evaluator):
     :math:`\mathbb E[\mathrm{IWAE}_{m + 80}]` (what the :class:`~numpyro_iwae.SUMO`
     objective trains on): a lower bound, but that of 81 particles at an expected
     cost of about 6. With ``max_terms=None`` T is drawn from the untruncated
-    distribution (:func:`~numpyro_iwae.estimators.sumo_survival`) and the
+    distribution (:func:`~numpyro_iwae.maths.sumo.sumo_survival`) and the
     expectation is :math:`\log p(x)` itself, not a bound, at the price of a variance
     that is infinite in practice (below).
 
     Each of the R replicates draws T per element, then particles a chunk at a time
     (keyed by their index, so chunking does not change them) until every element
     has its :math:`m + T`, updating a running ``logsumexp``
-    (:func:`~numpyro_iwae.estimators.sumo_update`): memory is that of one chunk, the
+    (:func:`~numpyro_iwae.maths.sumo.sumo_update`): memory is that of one chunk, the
     cost :math:`m + \max_n T_n` particles rounded up to a chunk (about 6 for one
     element with m = 1, 32 for eight elements; with hundreds the largest T sets it,
     m + 80). The replicates are independent, so their spread gives the standard
@@ -177,7 +156,7 @@ class SUMOMarginal(Evaluator):
         return self._score(rng_key, args, kwargs)
 
     def _evaluate_traced(
-        self, rng_key: jax.Array, values: dict, dynamic: list, static: _Static
+        self, rng_key: jax.Array, values: dict, dynamic: list, static: Static
     ) -> tuple[SUMOEstimate, dict[str, jax.Array]]:
         args, kwargs = static.merge(dynamic)
         m, max_terms = self.min_particles, self.max_terms

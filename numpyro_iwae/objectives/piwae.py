@@ -1,0 +1,151 @@
+"""PIWAE (Rainforth et al., 2018): the IWAE bound for the model, MIWAE for the guide."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from numpyro_iwae.core.paths import split_gradient_paths
+from numpyro_iwae.core.plates import PlateStructure
+from numpyro_iwae.core.program import Program
+from numpyro_iwae.maths.bounds import iwae_bound
+from numpyro_iwae.maths.surrogates import dreg_surrogate
+from numpyro_iwae.objectives.iwelbo import (
+    average_particles,
+    refuse_global_sites,
+    total_objective,
+    zero_weight_log_w,
+)
+from numpyro_iwae.objectives.miwae import MIWAE
+
+__all__ = ["PIWAE"]
+
+
+class PIWAE(MIWAE):
+    r"""The partially importance-weighted objective (Rainforth et al., 2018): from one
+    set of M K particles, the model's parameters :math:`\theta` ascend
+    :math:`\mathrm{IWAE}_{MK}` and the guide's parameters :math:`\phi` ascend
+    :math:`\mathrm{MIWAE}(M, K)`:
+
+    .. math::
+
+        \nabla_\theta \log \frac{1}{MK} \sum_{m,k} w_{m,k}, \qquad
+        \nabla_\phi \frac1M \sum_m \log \frac1K \sum_k w_{m,k}.
+
+    The model is evaluated once; the two gradients take separate backward passes
+    (:func:`~numpyro_iwae.core.paths.split_gradient_paths`). :meth:`loss` returns
+    :math:`-\mathrm{IWAE}_{MK}`, the bound the model is trained on. Model parameters
+    are the ``param``/``module`` sites of the model; a parameter used by model and
+    guide gets the IWAE gradient for its use in the model and the MIWAE gradient for
+    its use in the guide. Gradient estimators for :math:`\phi`: ``"reparam"``,
+    ``"stl"`` and ``"dreg"`` (MIWAE's doubly reparameterized gradient, per set of K:
+    :func:`~numpyro_iwae.maths.surrogates.dreg_surrogate`; not with global latent sites
+    under local weighting); discrete guide sites get MIWAE's VIMCO terms.
+
+    :param num_particles: K, the particles of each of the guide's replicates.
+    :param num_replicates: M.
+    :param gradient_estimator: ``"reparam"``, ``"stl"`` or ``"dreg"``.
+    :param vectorize_particles: as for :class:`~numpyro_iwae.IWELBO`.
+    :param weighting: as for :class:`~numpyro_iwae.IWELBO`.
+
+    Example:
+        >>> from numpyro_iwae import PIWAE
+        >>> PIWAE(num_particles=8, num_replicates=8)
+        PIWAE(num_particles=8, num_replicates=8, gradient_estimator='reparam', weighting='auto')
+
+    """
+
+    _estimators = ("reparam", "stl", "dreg")
+    _estimator_hint = ""
+
+    def __init__(
+        self,
+        num_particles: int = 8,
+        num_replicates: int = 1,
+        *,
+        gradient_estimator: str = "reparam",
+        vectorize_particles: bool | Callable = True,
+        weighting: str = "auto",
+    ) -> None:
+        super().__init__(
+            num_particles,
+            num_replicates,
+            gradient_estimator=gradient_estimator,
+            vectorize_particles=vectorize_particles,
+            weighting=weighting,
+        )
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("MIWAE(", "PIWAE(", 1)
+
+    def _bound_particles(self) -> int:
+        """The model's bound is over all M x K particles."""
+        return self.num_particles * self.num_replicates
+
+    def _check_structure(self, structure: PlateStructure) -> None:
+        super()._check_structure(structure)
+        if self.gradient_estimator == "dreg":
+            refuse_global_sites(
+                structure,
+                "PIWAE(gradient_estimator='dreg')",
+                "use gradient_estimator='reparam' or 'stl', or weighting='joint'.",
+            )
+
+    def _dreg_element(self, log_w: jax.Array, part: tuple, score: bool) -> jax.Array:
+        """MIWAE's value (and VIMCO terms) from stopped log weights, plus DReG's
+        surrogate for the reparameterized sites.
+        """
+        log_q_score, log_w_path = part
+        bound = self._element_bound(log_w, log_q_score, score)
+        return bound + dreg_surrogate(log_w, log_w_path, self._replicates)
+
+    def loss_with_mutable_state(
+        self,
+        rng_key: jax.Array,
+        param_map: dict[str, jax.Array],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        r"""Negative :math:`\mathrm{IWAE}_{MK}` and the updated mutable state; the
+        gradient is PIWAE's (see the class).
+        """
+        program = Program(model, guide, args, kwargs)
+        draw, model_fn, structure, model_params = self._draw(rng_key, param_map, program)
+        (log_p, output), log_p_theta = split_gradient_paths(
+            model_fn, draw.values, model_params, structure.model_param_sites
+        )
+        log_q_rep = draw.log_q_rep_path if self.gradient_estimator == "stl" else draw.log_q_rep
+        sg = jax.lax.stop_gradient
+        # phi's log weights: values and guide densities live; theta's: only log p.
+        log_w_phi = zero_weight_log_w(
+            tuple(p - q - s for p, q, s in zip(log_p, log_q_rep, draw.log_q_score)),
+            output,
+            structure,
+        )
+        log_w_theta = zero_weight_log_w(
+            tuple(p - sg(q) - sg(s) for p, q, s in zip(log_p_theta, log_q_rep, draw.log_q_score)),
+            output,
+            structure,
+        )
+        score_q = tuple(sg(s) for s in draw.log_q_score)
+        element, phi_parts = self._element_bound, draw.log_q_score
+        if self.gradient_estimator == "dreg":
+            # phi's gradient: DReG's surrogate on the path log weights, plus MIWAE's
+            # VIMCO terms for discrete sites; its log weights give only the value.
+            paths = tuple(
+                p - qp - sg(s) for p, qp, s in zip(log_p, draw.log_q_rep_path, draw.log_q_score)
+            )
+            log_w_phi = tuple(sg(w) for w in log_w_phi)
+            element, phi_parts = self._dreg_element, tuple(zip(draw.log_q_score, paths))
+
+        def iwae_all(log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+            return iwae_bound(log_w)
+
+        theta = total_objective(log_w_theta, score_q, structure, iwae_all)
+        phi = total_objective(log_w_phi, phi_parts, structure, element)
+        bound = theta + phi - sg(phi)
+        return {"loss": -bound, "mutable_state": average_particles(output.mutable_state or None)}
