@@ -49,7 +49,8 @@ def main(argv=None) -> dict:
         params = svi.run(jax.random.key(0), args.fit_steps, progress_bar=False).params
         for steps in args.steps:
             cost = steps * (args.leapfrog + 3)
-            for method, k, t in (("IS", args.particles * cost, 0), ("AIS", args.particles, steps)):
+            runs = (("IS", args.particles * cost, None), ("AIS", args.particles, steps))
+            for method, k, t in runs:
                 ml = MarginalLikelihood(
                     funnel,
                     guide,
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
                     "fit": name,
                     "method": method,
                     "particles": k,
-                    "annealing_steps": t,
+                    "annealing_steps": t or 0,
                     "evaluations": args.particles * cost,
                     "log_z": float(est.log_marginal),
                     "stderr": float(est.stderr),

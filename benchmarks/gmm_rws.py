@@ -83,7 +83,7 @@ class ScoreFunctionIWAE(IWELBO):
     """The IWAE bound with the plain score-function gradient for the discrete site:
     every particle's learning signal is the bound itself (no baseline)."""
 
-    def _element_bound(self, log_w, log_q_score, score):
+    def element_bound(self, log_w, log_q_score, score):
         bound = iwae_bound(log_w)
         if not score:
             return bound

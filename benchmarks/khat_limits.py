@@ -109,12 +109,12 @@ def schools_rows(keys: int, particles: int, steps: int) -> list[dict]:
     svi = SVI(schools, guide, optax.adam(0.01), Trace_ELBO(4))
     params = svi.run(jax.random.key(0), 10_000, *data, progress_bar=False).params
     rows = []
-    for t in (0, steps):
+    for t in (None, steps):
         ml = MarginalLikelihood(
             schools, guide, params=params, num_particles=particles, annealing_steps=t
         )
         est = [ml(jax.random.key(300 + i), *data) for i in range(keys)]
-        rows.append(summarize(est, exact, {"model": "eight schools", "annealing_steps": t}))
+        rows.append(summarize(est, exact, {"model": "eight schools", "annealing_steps": t or 0}))
     return rows
 
 
@@ -228,12 +228,12 @@ def scale_rows(n: int, args: argparse.Namespace) -> list[dict]:
     svi = SVI(model, guide, optax.adam(0.02), Trace_ELBO(8))
     params = svi.run(jax.random.key(0), 3000, jnp.asarray(x), progress_bar=False).params
     rows = []
-    for steps in (0, args.annealing_steps):
+    for steps in (None, args.annealing_steps):
         ml = MarginalLikelihood(
             model, guide, params=params, num_particles=args.particles, annealing_steps=steps
         )
         est = [ml(jax.random.key(100 + i), jnp.asarray(x)) for i in range(args.keys)]
-        rows.append(summarize(est, exact, {"model": f"scale N={n}", "annealing_steps": steps}))
+        rows.append(summarize(est, exact, {"model": f"scale N={n}", "annealing_steps": steps or 0}))
     return rows
 
 

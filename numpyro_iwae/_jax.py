@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "check_positive_int",
+    "check_vectorize",
     "NO_FORWARD_MODE",
     "call_backward_defined",
     "hoist_closure",
@@ -51,6 +52,22 @@ def check_positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     return int(value)
+
+
+def check_vectorize(vectorize_particles: Any) -> VectorizeFn:
+    """Return how particles are mapped: ``True`` is :func:`jax.vmap`, ``False``
+    :func:`jax.lax.map`, a callable ``f(fn, xs)`` itself; a TypeError otherwise.
+    """
+    if vectorize_particles is True:
+        return vmap_map
+    if vectorize_particles is False:
+        return lax_map
+    if not callable(vectorize_particles):
+        raise TypeError(
+            "`vectorize_particles` must be True (jax.vmap), False (jax.lax.map) or a "
+            f"callable f(fn, xs) such as shard_particles(mesh), got {vectorize_particles!r}."
+        )
+    return vectorize_particles
 
 
 #: How JAX refuses forward-mode differentiation of a ``custom_vjp`` function.

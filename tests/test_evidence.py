@@ -317,3 +317,13 @@ def test_mass_the_guide_never_visits_is_invisible_to_the_diagnostics():
     assert float(est.k_hat) < 0.5 and float(est.ess) > 1000
     assert abs(float(est.log_marginal) - math.log(0.7)) < 4 * float(est.stderr)
     assert -float(est.log_marginal) > 10 * float(est.stderr)  # log Z = 0 is far outside
+
+
+def test_pointwise_stderr_adds_up_to_the_stderr():
+    est = estimate(params(0.3, 1.8), k=500)
+    se_n = np.asarray(est.pointwise_stderr)
+    assert se_n.shape == (6,)
+    np.testing.assert_allclose(se_n, np.sqrt(1 / np.asarray(est.ess) - 1 / 500), rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt(np.sum(se_n**2)), float(est.stderr), rtol=1e-5)
+    one = estimate(params(), k=1)
+    assert np.all(np.isnan(np.asarray(one.pointwise_stderr))) and np.isnan(float(one.stderr))

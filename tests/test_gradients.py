@@ -358,7 +358,7 @@ def test_dreg_refuses_a_scaled_guide_and_stl_stays_unbiased_at_k_1():
     key = jax.random.key(0)
     for objective in (
         IWELBO(4, gradient_estimator="dreg"),
-        ReweightedWakeSleep(4, gradient_estimator="dreg"),
+        ReweightedWakeSleep(4, gradient_estimator="wake_dreg"),
     ):
         with pytest.raises(ValueError, match=r"scaled .*gradient_estimator='reparam'"):
             objective.loss(key, params, smodel, sguide)

@@ -447,3 +447,52 @@ def test_nested_evidence_needs_global_latents():
     ml = MarginalLikelihood(local_only, local_guide, num_global_particles=4)
     with pytest.raises(ValueError, match="no global latent|every latent of this model is local"):
         ml(jax.random.key(0), X20)
+
+
+def test_local_weighting_is_spelled_as_on_the_objectives():
+    # weighting="local" is the nested estimator num_global_particles implies; "auto"
+    # follows the objectives' rule (20 datapoints with local latents: local), and a
+    # model whose latents are all local is weighted jointly under "auto".
+    p = exact_params(X20)
+    spelled = MarginalLikelihood(
+        model, guide, params=p, num_particles=16, weighting="local", num_global_particles=8
+    )(jax.random.key(0), X20)
+    implied = MarginalLikelihood(model, guide, params=p, num_particles=16, num_global_particles=8)(
+        jax.random.key(0), X20
+    )
+    np.testing.assert_allclose(float(spelled.log_marginal), float(implied.log_marginal))
+    auto = MarginalLikelihood(model, guide, params=p, num_particles=16, weighting="auto")
+    est = auto(jax.random.key(0), X20)
+    assert est.local_ess is not None  # nested, with the default S
+    np.testing.assert_allclose(float(est.log_marginal), log_evidence(X20), atol=2e-4)
+
+    def local_only(x):
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+            numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def local_guide(x):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(x / 2, 0.5**0.5))
+
+    joint = MarginalLikelihood(local_only, local_guide, num_particles=4, weighting="auto")
+    est = joint(jax.random.key(0), X20)
+    assert est.local_ess is None
+    exact = float(jnp.sum(dist.Normal(0.0, 2**0.5).log_prob(X20)))
+    np.testing.assert_allclose(float(est.log_marginal), exact, rtol=1e-5)
+
+
+def test_evaluator_options_are_refused_by_the_algorithm_that_lacks_them():
+    with pytest.raises(ValueError, match="num_samples is not available with nested"):
+        MarginalLikelihood(model, guide, weighting="local", num_samples=10)
+    with pytest.raises(ValueError, match="annealing_steps is not yet available with nested"):
+        MarginalLikelihood(model, guide, weighting="local", annealing_steps=3)
+    with pytest.raises(ValueError, match="weighting='joint' there are none"):
+        MarginalLikelihood(model, guide, weighting="joint", num_global_particles=3)
+    with pytest.raises(ValueError, match="weighting"):
+        MarginalLikelihood(model, guide, weighting="nested")
+    for name in ("num_samples", "annealing_steps", "num_global_particles"):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive int, or None"):
+            MarginalLikelihood(model, guide, **{name: 0})
+    with pytest.raises(TypeError, match="vectorize_particles"):
+        MarginalLikelihood(model, guide, vectorize_particles="vmap")

@@ -246,3 +246,26 @@ def test_piwae_dreg_refuses_global_latents_under_local_weighting():
         PIWAE(4, 2, gradient_estimator="dreg", weighting="local").loss(
             jax.random.key(0), params, global_model, global_guide, X
         )
+
+
+def test_a_new_objective_is_one_class_on_the_base():
+    # A Monte Carlo objective declared by its per-element bound alone (here the mean of
+    # the log weights: the ELBO estimated with K particles) runs through the shared
+    # pipeline: values, local weighting and subsampling scale come with it.
+    from numpyro_iwae.objectives.base import Objective
+
+    class MeanLogWeight(Objective):
+        estimators = ("reparam",)
+
+        def element_bound(self, log_w, log_q_score, score):
+            return jnp.mean(log_w, axis=0)
+
+    key = jax.random.key(3)
+    ours = MeanLogWeight(6).loss(key, {}, model, guide, X)
+    miwae = MIWAE(1, 6).loss(key, {}, model, guide, X)  # K ELBOs averaged: the same
+    np.testing.assert_allclose(float(ours), float(miwae), rtol=1e-5)
+    assert repr(MeanLogWeight(6)) == (
+        "MeanLogWeight(num_particles=6, gradient_estimator='reparam', weighting='auto')"
+    )
+    with pytest.raises(ValueError, match="gradient_estimator"):
+        MeanLogWeight(6, gradient_estimator="dreg")

@@ -319,6 +319,16 @@ def test_evaluator_cost_is_m_plus_the_expected_terms():
     assert est.pointwise.shape == (1,)
 
 
+def test_sumo_estimate_exports_its_replicates_like_the_other_estimates():
+    est = SUMOMarginal(eval_model, shifted_guide, num_replicates=5)(jax.random.key(0), EVAL_X)
+    idata = est.to_inference_data()
+    stats = idata.sample_stats["log_marginal_likelihood"]
+    assert stats.shape == (1, 5, 8)
+    np.testing.assert_allclose(np.asarray(stats)[0], np.asarray(est.replicates))
+    assert idata.sample_stats.attrs["log_marginal"] == pytest.approx(float(est.log_marginal))
+    assert idata.sample_stats.attrs["stderr"] == pytest.approx(float(est.stderr))
+
+
 def test_evaluator_checks_its_arguments_and_the_pair():
     for bad in ({"num_replicates": 0}, {"max_terms": 0}, {"chunk_size": 0}, {"min_particles": 0}):
         with pytest.raises(ValueError):

@@ -189,7 +189,7 @@ def test_dreg_is_unbiased_for_wake_phi(guide_params, lower_variance):
     params = dict(GAUSSIAN_PARAMS, **guide_params)
     score = grads(ReweightedWakeSleep(8), keys, gaussian_model, gaussian_guide, params, X)
     dreg = grads(
-        ReweightedWakeSleep(8, gradient_estimator="dreg"),
+        ReweightedWakeSleep(8, gradient_estimator="wake_dreg"),
         keys,
         gaussian_model,
         gaussian_guide,
@@ -213,10 +213,12 @@ def test_arguments_are_checked():
         ReweightedWakeSleep(4, insomnia=1.5)
     with pytest.raises(ValueError, match="gradient_estimator"):
         ReweightedWakeSleep(4, gradient_estimator="reparam")
+    with pytest.raises(ValueError, match="'dreg' is now called 'wake_dreg'"):
+        ReweightedWakeSleep(4, gradient_estimator="dreg")
     with pytest.raises(TypeError, match="sleep_inputs"):
         ReweightedWakeSleep(4, insomnia=0.5, sleep_inputs=3)
     with pytest.raises(ValueError, match="cannot use a separate `proposal`"):
-        ReweightedWakeSleep(4, gradient_estimator="dreg", proposal=discrete_guide)
+        ReweightedWakeSleep(4, gradient_estimator="wake_dreg", proposal=discrete_guide)
 
 
 def subsampled_model(x):

@@ -44,12 +44,20 @@ from numpyro_iwae.core.stages import (
     ModelFn,
     any_nan_data,
     guide_stage,
+    log_ratio,
     mark_nan_data,
     model_stage,
 )
 from numpyro_iwae.maths.bounds import nan_to_neginf
 
-__all__ = ["LogWeights", "split_keys", "draw_particles", "draw_with_keys", "log_weights"]
+__all__ = [
+    "LogWeights",
+    "split_keys",
+    "draw_particles",
+    "draw_with_keys",
+    "log_weights_with_keys",
+    "log_weights",
+]
 
 
 class LogWeights(NamedTuple):
@@ -177,6 +185,25 @@ def draw_with_keys(
         model_fn, structure.value_axes, shared_params, structure.value_groups, group_shapes
     )
     return draw, safe
+
+
+def log_weights_with_keys(
+    program: Program,
+    params: Mapping[str, Any],
+    keys: jax.Array,
+    vectorize: VectorizeFn,
+    structure: PlateStructure,
+) -> tuple[tuple[jax.Array, ...], GuideDraw, ModelOutput]:
+    """Log weights per group at given particle keys, with NaN read as weight zero
+    (:func:`~numpyro_iwae.maths.bounds.nan_to_neginf`), and the draw and model output
+    they came from: what every evaluator reduces, a chunk of particles at a time
+    (:func:`draw_with_keys`; under local weighting the draw's global values enter the
+    model with the parameters).
+    """
+    draw, model_fn = draw_with_keys(program, params, keys, vectorize, structure)
+    log_p, output = model_fn(draw.values, {**params, **draw.global_values})
+    log_w = log_ratio(log_p, draw.log_q_rep, draw.log_q_score)
+    return tuple(nan_to_neginf(w) for w in log_w), draw, output
 
 
 def log_weights(

@@ -27,7 +27,21 @@ from numpyro_iwae.core.program import (
     mutable_values,
 )
 
-__all__ = ["mark_nan_data", "ModelFn", "guide_stage", "model_stage", "any_nan_data"]
+__all__ = ["log_ratio", "mark_nan_data", "ModelFn", "guide_stage", "model_stage", "any_nan_data"]
+
+
+def log_ratio(log_p: tuple[jax.Array, ...], *log_q: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    r"""Log importance weights per group, :math:`\log w = \log p - \sum_j \log q_j`:
+    the one place the model's and the guide's log densities are combined (the guide's
+    in parts, e.g. ``log_q_rep`` and ``log_q_score``; stop gradients before if a path
+    must not be differentiated).
+    """
+    out = []
+    for p, *parts in zip(log_p, *log_q):
+        for q in parts:
+            p = p - q
+        out.append(p)
+    return tuple(out)
 
 
 def mark_nan_data(log_w: jax.Array, nan_data: jax.Array | None) -> jax.Array:

@@ -15,11 +15,10 @@ from numpyro_iwae._jax import (
     CONCRETIZATION_ERRORS,
     Static,
     check_positive_int,
-    lax_map,
+    check_vectorize,
     num_shards,
     peak_bytes,
     split_static,
-    vmap_map,
 )
 from numpyro_iwae.core.plan import plan
 from numpyro_iwae.core.plates import PlateStructure
@@ -48,7 +47,19 @@ class Evaluator:
     values, the checks of a model/guide pair before it is scored (missing params,
     point masses, subsampled plates, NaN data), and the call, compiled once per
     shape of the arguments. Subclasses define ``_evaluate_traced``.
+
+    The algorithms an evaluator runs (:mod:`~numpyro_iwae.evaluators.importance` and
+    its siblings) read the settings below from it.
     """
+
+    #: K, particles per plate element.
+    num_particles: int
+    #: Particles per chunk (``None``: the largest that fits ``memory_budget``).
+    chunk_size: int | None = None
+    #: Posterior draws by importance resampling (``None``: none).
+    num_samples: int | None = None
+    #: Whether the estimate keeps every log weight.
+    return_log_weights: bool = False
 
     def __init__(
         self,
@@ -65,16 +76,7 @@ class Evaluator:
         self.params = {} if params is None else dict(params)
         self.mutable_state = {} if mutable_state is None else dict(mutable_state)
         self.memory_budget = check_positive_int(memory_budget, "memory_budget")
-        if vectorize_particles is True:
-            vectorize_particles = vmap_map
-        elif vectorize_particles is False:
-            vectorize_particles = lax_map
-        elif not callable(vectorize_particles):
-            raise ValueError(
-                "`vectorize_particles` must be True (jax.vmap), False (jax.lax.map) or a "
-                f"callable f(fn, xs) such as shard_particles(mesh), got {vectorize_particles!r}."
-            )
-        self._vectorize = vectorize_particles
+        self._vectorize = check_vectorize(vectorize_particles)
         self._data_shards = 1
         self._given_params = params is not None
         self._evaluate = jax.jit(self._evaluate_traced, static_argnums=3)

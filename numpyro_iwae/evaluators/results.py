@@ -21,7 +21,8 @@ class LogMarginalEstimate(NamedTuple):
             plates that enclose every sample site (per datapoint for a VAE); shape
             ``()`` when there is no such plate.
         stderr: standard error of ``log_marginal`` by the delta method,
-            :math:`\sqrt{\sum_n (1/\mathrm{ESS}_n - 1/K)}`.
+            :math:`\sqrt{\sum_n (1/\mathrm{ESS}_n - 1/K)}` (NaN for one particle).
+        pointwise_stderr: the same per element, :math:`\sqrt{1/\mathrm{ESS}_n - 1/K}`.
         ess: effective sample size :math:`(\sum_k w_k)^2 / \sum_k w_k^2`, like
             ``pointwise``.
         k_hat: PSIS Pareto shape estimate of the weights' tail, like ``pointwise``
@@ -32,8 +33,8 @@ class LogMarginalEstimate(NamedTuple):
         log_weights: the ``(K, *plate_shape)`` log weights when requested with
             ``return_log_weights=True``, else ``None``.
         samples: approximate posterior samples, ``{site: (S, *site_shape)}``, drawn
-            by importance resampling when ``num_samples=S > 0``, else ``None``.
-        local_ess: with ``num_global_particles``, the effective sample size of the
+            by importance resampling when ``num_samples=S``, else ``None``.
+        local_ess: under local weighting (nested), the effective sample size of the
             inner (local) weights per element of each local plate,
             ``{plate: (*plate_shape, local size)}``, the median over the global
             draws; else ``None``. ``ess``, ``k_hat`` and ``log_weights`` then
@@ -45,6 +46,7 @@ class LogMarginalEstimate(NamedTuple):
     log_marginal: jax.Array
     pointwise: jax.Array
     stderr: jax.Array
+    pointwise_stderr: jax.Array
     ess: jax.Array
     k_hat: jax.Array
     log_weights: jax.Array | None = None
@@ -61,14 +63,14 @@ class LogMarginalEstimate(NamedTuple):
         the estimate's ``log_marginal``, ``stderr``, and the per-element ``ess``
         and ``k_hat`` so the diagnostics travel with the draws.
 
-        :raises ValueError: if the estimate was made with ``num_samples=0``.
+        :raises ValueError: if the estimate was made without ``num_samples``.
         """
         import arviz as az
 
         if self.samples is None:
             raise ValueError(
                 "This estimate has no posterior samples; create MarginalLikelihood with "
-                "num_samples > 0."
+                "num_samples=S (posterior draws by importance resampling)."
             )
         posterior = {name: np.asarray(v)[None] for name, v in self.samples.items()}
         attrs = {
@@ -115,3 +117,25 @@ class SUMOEstimate(NamedTuple):
     pointwise_stderr: jax.Array
     replicates: jax.Array
     mean_particles: jax.Array
+
+    def to_inference_data(self) -> Any:
+        """The replicates as ArviZ data (:class:`arviz.InferenceData` on ArviZ 0.x, an
+        :class:`xarray.DataTree` on 1.x): ``sample_stats`` holds each replicate's
+        per-element estimate as ``log_marginal_likelihood`` (one chain, R draws; PyMC's
+        name), with the estimate, its standard error and the mean particles per
+        replicate in its attributes. SUMO draws no posterior samples.
+        """
+        import arviz as az
+
+        idata = arviz_from_dict(
+            az, {"sample_stats": {"log_marginal_likelihood": np.asarray(self.replicates)[None]}}
+        )
+        idata.sample_stats.attrs.update(
+            {
+                "log_marginal": float(self.log_marginal),
+                "stderr": float(self.stderr),
+                "mean_particles": float(self.mean_particles),
+                "inference": "SUMO (numpyro_iwae.SUMOMarginal)",
+            }
+        )
+        return idata

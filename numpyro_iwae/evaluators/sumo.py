@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_iwae._jax import Static, check_positive_int
-from numpyro_iwae.core.draw import draw_with_keys, split_keys
+from numpyro_iwae.core.draw import log_weights_with_keys, split_keys
 from numpyro_iwae.core.program import Program
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.results import SUMOEstimate
-from numpyro_iwae.maths.bounds import nan_to_neginf
 from numpyro_iwae.maths.sumo import (
     SUMO_TAIL_RATIO,
     SUMO_TAIL_START,
@@ -166,9 +165,10 @@ class SUMOMarginal(Evaluator):
         structure = self._structure(program, values, first[0])
 
         def chunk_log_w(keys: jax.Array) -> tuple[jax.Array, dict]:
-            draw, model_fn = draw_with_keys(program, values, keys, self._vectorize, structure)
-            log_p, output = model_fn(draw.values, values)
-            log_w = nan_to_neginf(log_p[0] - draw.log_q_rep[0] - draw.log_q_score[0])
+            log_w, _, output = log_weights_with_keys(
+                program, values, keys, self._vectorize, structure
+            )
+            log_w = log_w[0]
             nan_data = {n: jnp.any(v, axis=0) for n, v in output.nan_data.items()}
             return log_w, nan_data
 

@@ -9,12 +9,12 @@ import jax
 from numpyro_iwae._jax import check_real
 from numpyro_iwae.core.plates import PlateStructure
 from numpyro_iwae.maths.bounds import ciwae_bound
-from numpyro_iwae.objectives.iwelbo import IWELBO
+from numpyro_iwae.objectives.base import Objective
 
 __all__ = ["CIWAE"]
 
 
-class CIWAE(IWELBO):
+class CIWAE(Objective):
     r"""The combination of the ELBO and the IWAE bound on the same K particles
     (Rainforth et al., 2018):
 
@@ -43,11 +43,13 @@ class CIWAE(IWELBO):
     """
 
     can_infer_discrete = False
-    _estimators = ("reparam", "stl")
-    _estimator_hint = (
+    estimators = ("reparam", "stl")
+    estimator_hint = (
         " The doubly reparameterized estimator is defined for the IWAE bound, not for its "
         "mixture with the ELBO."
     )
+
+    repr_fields = ("num_particles", "beta", "gradient_estimator", "weighting")
 
     def __init__(
         self,
@@ -66,13 +68,8 @@ class CIWAE(IWELBO):
         )
         self.beta = check_real(beta, "beta", 0.0, 1.0)
 
-    def __repr__(self) -> str:
-        return (
-            f"CIWAE(num_particles={self.num_particles}, beta={self.beta}, "
-            f"gradient_estimator={self.gradient_estimator!r}, weighting={self.weighting!r})"
-        )
-
-    def _check_structure(self, structure: PlateStructure) -> None:
+    def check_structure(self, structure: PlateStructure) -> None:
+        """Refuse discrete guide sites (CIWAE has no score-function estimator)."""
         if structure.nonreparam_sites:
             raise ValueError(
                 f"CIWAE has no score-function estimator for the discrete guide site(s) "
@@ -80,5 +77,6 @@ class CIWAE(IWELBO):
                 "enumerate the site."
             )
 
-    def _element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+    def element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+        """CIWAE per plate element (:func:`~numpyro_iwae.maths.bounds.ciwae_bound`)."""
         return ciwae_bound(log_w, self.beta)

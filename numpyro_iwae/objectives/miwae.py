@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_iwae._jax import check_positive_int
-from numpyro_iwae.objectives.iwelbo import IWELBO
+from numpyro_iwae.objectives.base import Objective
+from numpyro_iwae.objectives.iwelbo import iwae_element_bound
 
-__all__ = ["MIWAE"]
+__all__ = ["MIWAE", "replicate_mean"]
 
 
-class MIWAE(IWELBO):
+class MIWAE(Objective):
     r"""The multiply importance-weighted bound: M independent IWAE bounds of K
     particles, averaged (Rainforth, Kosiorek, Le, Maddison, Igl, Wood & Teh, 2018,
     *Tighter Variational Bounds are Not Necessarily Better*, ICML):
@@ -51,6 +52,8 @@ class MIWAE(IWELBO):
 
     """
 
+    repr_fields = ("num_particles", "num_replicates", "gradient_estimator", "weighting")
+
     def __init__(
         self,
         num_particles: int = 8,
@@ -67,18 +70,25 @@ class MIWAE(IWELBO):
             weighting=weighting,
         )
         self.num_replicates = check_positive_int(num_replicates, "num_replicates")
-        self._replicates = self.num_replicates
+        self.replicates = self.num_replicates
 
-    def __repr__(self) -> str:
-        return (
-            f"MIWAE(num_particles={self.num_particles}, num_replicates={self.num_replicates}, "
-            f"gradient_estimator={self.gradient_estimator!r}, weighting={self.weighting!r})"
-        )
+    def element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+        """The mean over the M replicates of their IWAE bounds (:func:`replicate_mean`)."""
+        return replicate_mean(iwae_element_bound, self.replicates, log_w, log_q_score, score)
 
-    def _element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
-        shape = (self._replicates, self.num_particles) + log_w.shape[1:]
-        one = super()._element_bound
-        per_replicate = jax.vmap(lambda w, q: one(w, q, score))(
-            log_w.reshape(shape), log_q_score.reshape(shape)
-        )
-        return jnp.mean(per_replicate, axis=0)
+
+def replicate_mean(
+    element_bound: Callable[[jax.Array, jax.Array, bool], jax.Array],
+    replicates: int,
+    log_w: jax.Array,
+    log_q_score: jax.Array,
+    score: bool,
+) -> jax.Array:
+    """``element_bound`` of each of ``replicates`` consecutive sets of particles of
+    ``(replicates x K, *plates)`` log weights, averaged over the sets.
+    """
+    shape = (replicates, log_w.shape[0] // replicates) + log_w.shape[1:]
+    per_replicate = jax.vmap(lambda w, q: element_bound(w, q, score))(
+        log_w.reshape(shape), log_q_score.reshape(shape)
+    )
+    return jnp.mean(per_replicate, axis=0)

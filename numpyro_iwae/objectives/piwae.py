@@ -7,23 +7,25 @@ from typing import Any
 
 import jax
 
-from numpyro_iwae.core.paths import split_gradient_paths
+from numpyro_iwae._jax import check_positive_int
 from numpyro_iwae.core.plates import PlateStructure
-from numpyro_iwae.core.program import Program
+from numpyro_iwae.core.program import ModelOutput, Program
+from numpyro_iwae.core.stages import log_ratio
 from numpyro_iwae.maths.bounds import iwae_bound
 from numpyro_iwae.maths.surrogates import dreg_surrogate
-from numpyro_iwae.objectives.iwelbo import (
-    average_particles,
+from numpyro_iwae.objectives.base import (
+    Objective,
     refuse_global_sites,
     total_objective,
     zero_weight_log_w,
 )
-from numpyro_iwae.objectives.miwae import MIWAE
+from numpyro_iwae.objectives.iwelbo import iwae_element_bound
+from numpyro_iwae.objectives.miwae import replicate_mean
 
 __all__ = ["PIWAE"]
 
 
-class PIWAE(MIWAE):
+class PIWAE(Objective):
     r"""The partially importance-weighted objective (Rainforth et al., 2018): from one
     set of M K particles, the model's parameters :math:`\theta` ascend
     :math:`\mathrm{IWAE}_{MK}` and the guide's parameters :math:`\phi` ascend
@@ -57,8 +59,7 @@ class PIWAE(MIWAE):
 
     """
 
-    _estimators = ("reparam", "stl", "dreg")
-    _estimator_hint = ""
+    repr_fields = ("num_particles", "num_replicates", "gradient_estimator", "weighting")
 
     def __init__(
         self,
@@ -71,21 +72,19 @@ class PIWAE(MIWAE):
     ) -> None:
         super().__init__(
             num_particles,
-            num_replicates,
             gradient_estimator=gradient_estimator,
             vectorize_particles=vectorize_particles,
             weighting=weighting,
         )
+        self.num_replicates = check_positive_int(num_replicates, "num_replicates")
+        self.replicates = self.num_replicates
 
-    def __repr__(self) -> str:
-        return super().__repr__().replace("MIWAE(", "PIWAE(", 1)
-
-    def _bound_particles(self) -> int:
+    def bound_particles(self) -> int:
         """The model's bound is over all M x K particles."""
         return self.num_particles * self.num_replicates
 
-    def _check_structure(self, structure: PlateStructure) -> None:
-        super()._check_structure(structure)
+    def check_structure(self, structure: PlateStructure) -> None:
+        """Refuse global sites under local weighting with DReG."""
         if self.gradient_estimator == "dreg":
             refuse_global_sites(
                 structure,
@@ -93,52 +92,39 @@ class PIWAE(MIWAE):
                 "use gradient_estimator='reparam' or 'stl', or weighting='joint'.",
             )
 
+    def element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+        """The guide's objective per plate element: MIWAE(M, K), with VIMCO terms."""
+        return replicate_mean(iwae_element_bound, self.replicates, log_w, log_q_score, score)
+
     def _dreg_element(self, log_w: jax.Array, part: tuple, score: bool) -> jax.Array:
         """MIWAE's value (and VIMCO terms) from stopped log weights, plus DReG's
         surrogate for the reparameterized sites.
         """
         log_q_score, log_w_path = part
-        bound = self._element_bound(log_w, log_q_score, score)
-        return bound + dreg_surrogate(log_w, log_w_path, self._replicates)
+        bound = self.element_bound(log_w, log_q_score, score)
+        return bound + dreg_surrogate(log_w, log_w_path, self.replicates)
 
-    def loss_with_mutable_state(
-        self,
-        rng_key: jax.Array,
-        param_map: dict[str, jax.Array],
-        model: Callable,
-        guide: Callable,
-        *args: Any,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        r"""Negative :math:`\mathrm{IWAE}_{MK}` and the updated mutable state; the
-        gradient is PIWAE's (see the class).
-        """
-        program = Program(model, guide, args, kwargs)
-        draw, model_fn, structure, model_params = self._draw(rng_key, param_map, program)
-        (log_p, output), log_p_theta = split_gradient_paths(
-            model_fn, draw.values, model_params, structure.model_param_sites
-        )
+    def objective(
+        self, rng_key: jax.Array, param_map: dict[str, Any], program: Program
+    ) -> tuple[jax.Array, ModelOutput]:
+        r""":math:`\mathrm{IWAE}_{MK}` whose gradient is PIWAE's (see the class)."""
+        particles = self.particles(rng_key, param_map, program)
+        draw, structure = particles.draw, particles.structure
+        log_p, log_p_theta, output = self.two_paths(particles)
         log_q_rep = draw.log_q_rep_path if self.gradient_estimator == "stl" else draw.log_q_rep
         sg = jax.lax.stop_gradient
         # phi's log weights: values and guide densities live; theta's: only log p.
         log_w_phi = zero_weight_log_w(
-            tuple(p - q - s for p, q, s in zip(log_p, log_q_rep, draw.log_q_score)),
-            output,
-            structure,
+            log_ratio(log_p, log_q_rep, draw.log_q_score), output, structure
         )
-        log_w_theta = zero_weight_log_w(
-            tuple(p - sg(q) - sg(s) for p, q, s in zip(log_p_theta, log_q_rep, draw.log_q_score)),
-            output,
-            structure,
-        )
-        score_q = tuple(sg(s) for s in draw.log_q_score)
-        element, phi_parts = self._element_bound, draw.log_q_score
+        stopped = jax.tree.map(sg, (log_q_rep, draw.log_q_score))
+        log_w_theta = zero_weight_log_w(log_ratio(log_p_theta, *stopped), output, structure)
+        score_q = stopped[1]
+        element, phi_parts = self.element_bound, draw.log_q_score
         if self.gradient_estimator == "dreg":
             # phi's gradient: DReG's surrogate on the path log weights, plus MIWAE's
             # VIMCO terms for discrete sites; its log weights give only the value.
-            paths = tuple(
-                p - qp - sg(s) for p, qp, s in zip(log_p, draw.log_q_rep_path, draw.log_q_score)
-            )
+            paths = log_ratio(log_p, draw.log_q_rep_path, score_q)
             log_w_phi = tuple(sg(w) for w in log_w_phi)
             element, phi_parts = self._dreg_element, tuple(zip(draw.log_q_score, paths))
 
@@ -147,5 +133,4 @@ class PIWAE(MIWAE):
 
         theta = total_objective(log_w_theta, score_q, structure, iwae_all)
         phi = total_objective(log_w_phi, phi_parts, structure, element)
-        bound = theta + phi - sg(phi)
-        return {"loss": -bound, "mutable_state": average_particles(output.mutable_state or None)}
+        return theta + phi - sg(phi), output

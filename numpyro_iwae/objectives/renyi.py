@@ -9,12 +9,12 @@ import jax
 from numpyro_iwae._jax import check_real
 from numpyro_iwae.maths.bounds import renyi_bound
 from numpyro_iwae.maths.surrogates import renyi_learning_signal, with_score_terms
-from numpyro_iwae.objectives.iwelbo import IWELBO
+from numpyro_iwae.objectives.base import Objective
 
 __all__ = ["RenyiELBO"]
 
 
-class RenyiELBO(IWELBO):
+class RenyiELBO(Objective):
     r"""The variational Renyi bound (Li & Turner, 2016, *Renyi Divergence Variational
     Inference*, NeurIPS), per plate element:
 
@@ -46,8 +46,10 @@ class RenyiELBO(IWELBO):
 
     """
 
-    _estimators = ("reparam", "stl")
-    _estimator_hint = " For DReG at alpha = 0 use IWELBO(gradient_estimator='dreg')."
+    estimators = ("reparam", "stl")
+    estimator_hint = " For DReG at alpha = 0 use IWELBO(gradient_estimator='dreg')."
+
+    repr_fields = ("alpha", "num_particles", "gradient_estimator", "weighting")
 
     def __init__(
         self,
@@ -66,13 +68,8 @@ class RenyiELBO(IWELBO):
         )
         self.alpha = check_real(alpha, "alpha")
 
-    def __repr__(self) -> str:
-        return (
-            f"RenyiELBO(alpha={self.alpha}, num_particles={self.num_particles}, "
-            f"gradient_estimator={self.gradient_estimator!r}, weighting={self.weighting!r})"
-        )
-
-    def _element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+    def element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
+        """The Renyi bound per plate element, with its score-function terms."""
         bound = renyi_bound(log_w, self.alpha)
         if not score:
             return bound

@@ -12,9 +12,9 @@ from typing import Any
 import jax
 
 from numpyro_iwae._jax import check_positive_int
-from numpyro_iwae.core.paths import split_gradient_paths
 from numpyro_iwae.core.plates import PlateStructure
-from numpyro_iwae.core.program import Program
+from numpyro_iwae.core.program import ModelOutput, Program
+from numpyro_iwae.core.stages import log_ratio
 from numpyro_iwae.maths.bounds import iwae_bound
 from numpyro_iwae.maths.sumo import (
     SUMO_TAIL_RATIO,
@@ -24,9 +24,8 @@ from numpyro_iwae.maths.sumo import (
     sumo_survival,
 )
 from numpyro_iwae.maths.surrogates import zero_valued
-from numpyro_iwae.objectives.iwelbo import (
-    IWELBO,
-    average_particles,
+from numpyro_iwae.objectives.base import (
+    Objective,
     refuse_global_sites,
     total_objective,
     zero_weight_log_w,
@@ -39,7 +38,7 @@ __all__ = ["GUIDE_OBJECTIVES", "SUMO"]
 GUIDE_OBJECTIVES = ("variance", "iwae")
 
 
-class SUMO(IWELBO):
+class SUMO(Objective):
     r"""SUMO, the Russian-roulette estimator of :math:`\log p(x)` (Luo, Beatson,
     Norouzi, Zhu, Duvenaud, Adams & Chen, 2020, ICLR), as an objective for ``SVI``.
 
@@ -92,8 +91,15 @@ class SUMO(IWELBO):
 
     """
 
-    _estimators = ("reparam",)
-    _estimator_hint = ""
+    estimators = ("reparam",)
+    repr_fields = (
+        "min_particles",
+        "max_terms",
+        "guide_objective",
+        "tail_start",
+        "tail_ratio",
+        "weighting",
+    )
 
     def __init__(
         self,
@@ -121,14 +127,8 @@ class SUMO(IWELBO):
             weighting=weighting,
         )
 
-    def __repr__(self) -> str:
-        return (
-            f"SUMO(min_particles={self.min_particles}, max_terms={self.max_terms}, "
-            f"guide_objective={self.guide_objective!r}, tail_start={self.tail_start}, "
-            f"tail_ratio={self.tail_ratio}, weighting={self.weighting!r})"
-        )
-
-    def _check_structure(self, structure: PlateStructure) -> None:
+    def check_structure(self, structure: PlateStructure) -> None:
+        """Refuse discrete guide sites, and global sites under local weighting."""
         if structure.nonreparam_sites:
             raise ValueError(
                 "SUMO has no score-function estimator for discrete guide sites "
@@ -137,27 +137,19 @@ class SUMO(IWELBO):
             )
         refuse_global_sites(structure, "SUMO", "use weighting='joint' or IWELBO.")
 
-    def loss_with_mutable_state(
-        self,
-        rng_key: jax.Array,
-        param_map: dict[str, jax.Array],
-        model: Callable,
-        guide: Callable,
-        *args: Any,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """``-SUMO`` and the updated mutable state; the gradient is SUMO's for the
-        model's parameters and the guide objective's for the guide's (see the class).
+    def objective(
+        self, rng_key: jax.Array, param_map: dict[str, Any], program: Program
+    ) -> tuple[jax.Array, ModelOutput]:
+        """SUMO, whose gradient is SUMO's for the model's parameters and the guide
+        objective's for the guide's (see the class).
         """
         sg = jax.lax.stop_gradient
         draw_key, terms_key = jax.random.split(rng_key)
-        program = Program(model, guide, args, kwargs)
-        draw, model_fn, structure, model_params = self._draw(draw_key, param_map, program)
-        (log_p, output), log_p_theta = split_gradient_paths(
-            model_fn, draw.values, model_params, structure.model_param_sites
-        )
-        log_w_theta = tuple(p - sg(q) for p, q in zip(log_p_theta, draw.log_q_rep))
-        log_w_phi = tuple(p - q for p, q in zip(log_p, draw.log_q_rep))
+        particles = self.particles(draw_key, param_map, program)
+        draw, structure = particles.draw, particles.structure
+        log_p, log_p_theta, output = self.two_paths(particles)
+        log_w_theta = log_ratio(log_p_theta, jax.tree.map(sg, draw.log_q_rep))
+        log_w_phi = log_ratio(log_p, draw.log_q_rep)
         log_w_theta = zero_weight_log_w(log_w_theta, output, structure)
         log_w_phi = zero_weight_log_w(log_w_phi, output, structure)
         keys = tuple(jax.random.fold_in(terms_key, g) for g in range(structure.num_groups))
@@ -175,6 +167,4 @@ class SUMO(IWELBO):
             return value + zero_valued(guide_part)
 
         parts = tuple(zip(log_w_phi, keys))
-        objective = total_objective(log_w_theta, parts, structure, element)
-        mutable_state = average_particles(output.mutable_state or None)
-        return {"loss": -objective, "mutable_state": mutable_state}
+        return total_objective(log_w_theta, parts, structure, element), output

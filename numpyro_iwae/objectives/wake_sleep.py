@@ -23,14 +23,14 @@ from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
 from numpyro_iwae._jax import check_positive_int, check_real, map_particles
-from numpyro_iwae.core.paths import split_gradient_paths
 from numpyro_iwae.core.plates import PlateStructure, accumulate, sample_sites
-from numpyro_iwae.core.program import GuideDraw, Program
+from numpyro_iwae.core.program import ModelOutput, Program
+from numpyro_iwae.core.stages import log_ratio
 from numpyro_iwae.maths.bounds import iwae_bound
 from numpyro_iwae.maths.surrogates import wake_phi_surrogate, zero_valued
-from numpyro_iwae.objectives.iwelbo import (
-    IWELBO,
-    average_particles,
+from numpyro_iwae.objectives.base import (
+    Objective,
+    Particles,
     refuse_global_sites,
     total_objective,
     zero_weight_log_w,
@@ -89,7 +89,7 @@ def default_sleep_inputs(
     return new_args, new_kwargs
 
 
-class ReweightedWakeSleep(IWELBO):
+class ReweightedWakeSleep(Objective):
     r"""Reweighted wake-sleep (Le et al., 2019) as a NumPyro ``ELBO`` for ``SVI``.
 
     From K particles :math:`z_k \sim q_\phi(z \mid x)` with weights
@@ -128,8 +128,9 @@ class ReweightedWakeSleep(IWELBO):
     :param num_particles: K.
     :param insomnia: weight of wake-:math:`\phi` against sleep-:math:`\phi`, in
         [0, 1]; 1 (default) is wake-wake.
-    :param gradient_estimator: ``"score"`` (default): wake-:math:`\phi` as above;
-        ``"dreg"``: its doubly reparameterized form for the reparameterized sites,
+    :param gradient_estimator: ``"wake"`` (default): wake-:math:`\phi` as above;
+        ``"wake_dreg"``: its doubly reparameterized form (RWS-DReG, not IWELBO's
+        ``"dreg"``) for the reparameterized sites,
         :math:`\sum_k (\tilde w_k - \tilde w_k^2) \frac{\partial \log w_k}{\partial
         z_k} \frac{\partial z_k}{\partial \phi}` (Tucker, Lawson, Gu & Maddison,
         2019), the same gradient in expectation; discrete sites keep the score form.
@@ -148,7 +149,7 @@ class ReweightedWakeSleep(IWELBO):
         weights become :math:`w_k = p_\theta(x, z_k) / r(z_k \mid x)` for the
         proposal :math:`r` (its parameters get no gradient), wake-:math:`\phi`
         trains the guide's own :math:`\log q_\phi` at the proposal's draws, and
-        :meth:`loss` is the bound under :math:`r`. Not with ``"dreg"``.
+        :meth:`loss` is the bound under :math:`r`. Not with ``"wake_dreg"``.
     :param vectorize_particles: as for :class:`~numpyro_iwae.IWELBO`.
     :param weighting: as for :class:`~numpyro_iwae.IWELBO`.
 
@@ -170,15 +171,16 @@ class ReweightedWakeSleep(IWELBO):
 
     """
 
-    _estimators = ("score", "dreg")
-    _estimator_hint = ""
+    estimators = ("wake", "wake_dreg")
+    renamed_estimators = {"score": "wake", "dreg": "wake_dreg"}
+    repr_fields = ("num_particles", "insomnia", "gradient_estimator", "weighting")
 
     def __init__(
         self,
         num_particles: int = 8,
         insomnia: float = 1.0,
         *,
-        gradient_estimator: str = "score",
+        gradient_estimator: str = "wake",
         num_sleep_particles: int | None = None,
         sleep_inputs: SleepInputs | None = None,
         proposal: Callable | None = None,
@@ -200,25 +202,19 @@ class ReweightedWakeSleep(IWELBO):
         self.sleep_inputs = sleep_inputs
         if proposal is not None and not callable(proposal):
             raise TypeError(f"`proposal` must be callable, got {proposal!r}.")
-        if proposal is not None and self.gradient_estimator == "dreg":
+        if proposal is not None and self.gradient_estimator == "wake_dreg":
             raise ValueError(
-                "ReweightedWakeSleep(gradient_estimator='dreg') needs particles "
+                "ReweightedWakeSleep(gradient_estimator='wake_dreg') needs particles "
                 "reparameterized from the guide; it cannot use a separate `proposal`."
             )
         self.proposal = proposal
 
-    def __repr__(self) -> str:
-        return (
-            f"ReweightedWakeSleep(num_particles={self.num_particles}, "
-            f"insomnia={self.insomnia}, gradient_estimator={self.gradient_estimator!r}, "
-            f"weighting={self.weighting!r})"
-        )
-
-    def _draw_path(self) -> str:
-        # log q at stopped parameters: the fixed-z score is log q minus it.
+    def draw_path(self) -> str:
+        """``"stl"``: log q at stopped parameters; the fixed-z score is log q minus it."""
         return "stl"
 
-    def _check_structure(self, structure: PlateStructure) -> None:
+    def check_structure(self, structure: PlateStructure) -> None:
+        """Refuse global sites under local weighting."""
         refuse_global_sites(
             structure,
             "ReweightedWakeSleep",
@@ -227,48 +223,42 @@ class ReweightedWakeSleep(IWELBO):
             "weighting='joint' (not possible with a subsampled plate), or IWELBO.",
         )
 
-    def loss_with_mutable_state(
-        self,
-        rng_key: jax.Array,
-        param_map: dict[str, jax.Array],
-        model: Callable,
-        guide: Callable,
-        *args: Any,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """Negative importance-weighted bound and the updated mutable state; the
-        gradient is reweighted wake-sleep's (see the class).
+    def objective(
+        self, rng_key: jax.Array, param_map: dict[str, Any], program: Program
+    ) -> tuple[jax.Array, ModelOutput]:
+        """The importance-weighted bound, whose gradient is reweighted wake-sleep's
+        (see the class).
         """
         sg = jax.lax.stop_gradient
-        program = Program(model, guide, args, kwargs)
         if self.proposal is None:
-            draw, model_fn, structure, model_params = self._draw(rng_key, param_map, program)
+            particles = self.particles(rng_key, param_map, program)
         else:
-            draw, model_fn, structure, model_params = self._draw_from_proposal(
-                rng_key, param_map, program
-            )
-        dreg = self.gradient_estimator == "dreg"
+            particles = self._particles_from_proposal(rng_key, param_map, program)
+        draw, structure = particles.draw, particles.structure
+        dreg = self.gradient_estimator == "wake_dreg"
         if dreg:
-            (log_p, output), log_p_theta = split_gradient_paths(
-                model_fn, draw.values, model_params, structure.model_param_sites
-            )
+            log_p, log_p_theta, output = self.two_paths(particles)
         else:
-            log_p_theta, output = model_fn(jax.tree.map(sg, draw.values), model_params)
+            values = jax.tree.map(sg, draw.values)
+            log_p_theta, output = particles.model_fn(values, particles.params)
             log_p = log_p_theta
         # The model's log weights: gradient for theta only.
-        log_w = tuple(
-            p - sg(q) - sg(s) for p, q, s in zip(log_p_theta, draw.log_q_rep, draw.log_q_score)
-        )
-        log_w = zero_weight_log_w(log_w, output, structure)
+        stopped = jax.tree.map(sg, (draw.log_q_rep, draw.log_q_score))
+        log_w = zero_weight_log_w(log_ratio(log_p_theta, *stopped), output, structure)
         # Per group: log q's gradient at fixed z (value 0), split into reparameterized
         # and discrete sites, and the path log weights for RWS-DReG.
         parts = tuple(
             (
                 zero_valued(q - qp),
                 zero_valued(s),
-                p - qp - sg(s) if dreg else None,
+                w_path if dreg else None,
             )
-            for p, q, qp, s in zip(log_p, draw.log_q_rep, draw.log_q_rep_path, draw.log_q_score)
+            for q, qp, s, w_path in zip(
+                draw.log_q_rep,
+                draw.log_q_rep_path,
+                draw.log_q_score,
+                log_ratio(log_p, draw.log_q_rep_path, stopped[1]),
+            )
         )
         insomnia = self.insomnia
 
@@ -284,12 +274,11 @@ class ReweightedWakeSleep(IWELBO):
         if insomnia < 1:
             sleep = self._sleep_log_q(jax.random.fold_in(rng_key, 1), param_map, program)
             objective = objective + (1 - insomnia) * zero_valued(sleep)
-        mutable_state = average_particles(output.mutable_state or None)
-        return {"loss": -objective, "mutable_state": mutable_state}
+        return objective, output
 
-    def _draw_from_proposal(
+    def _particles_from_proposal(
         self, rng_key: jax.Array, param_map: dict[str, jax.Array], program: Program
-    ) -> tuple[GuideDraw, Callable, PlateStructure, dict[str, Any]]:
+    ) -> Particles:
         """Particles from ``self.proposal`` (its density and values stopped) with the
         guide's log density at them as ``log_q_rep`` (live in the guide's parameters)
         and the proposal's as ``log_q_rep_path``: the surrogate then differentiates
@@ -297,7 +286,9 @@ class ReweightedWakeSleep(IWELBO):
         """
         sg = jax.lax.stop_gradient
         proposal_program = Program(program.model, self.proposal, program.args, program.kwargs)
-        draw, model_fn, structure, model_params = self._draw(rng_key, param_map, proposal_program)
+        draw, model_fn, structure, model_params = self.particles(
+            rng_key, param_map, proposal_program
+        )
         values, plates = jax.tree.map(sg, (draw.values, draw.plates))
 
         def guide_log_q(particle: tuple) -> tuple:
@@ -326,7 +317,7 @@ class ReweightedWakeSleep(IWELBO):
             log_q_rep_path=log_r,
             log_q_score=zeros,
         )
-        return draw, model_fn, structure, model_params
+        return Particles(draw, model_fn, structure, model_params)
 
     def _sleep_log_q(
         self, rng_key: jax.Array, param_map: dict[str, jax.Array], program: Program

@@ -1,0 +1,103 @@
+r"""Annealed importance sampling (Neal, 2001, *Annealed Importance Sampling*,
+Statistics and Computing) from the guide to the posterior, as an evaluator.
+
+Each particle is one annealed run along :math:`q^{1-\beta_t} p(x, z)^{\beta_t}` with a
+sigmoidal schedule (:func:`~numpyro_iwae.maths.ais.sigmoid_schedule`) and Hamiltonian Monte
+Carlo transitions in the unconstrained space of the guide's random draws
+(:mod:`~numpyro_iwae.core.annealing`), one chain and one Metropolis test per plate
+element. Each run's weight is unbiased for :math:`p(x)`, so the runs are reduced exactly
+as importance sampling's particles (:mod:`~numpyro_iwae.evaluators.importance`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from numpyro_iwae._jax import check_positive_int
+from numpyro_iwae.core.annealing import AnnealedDensity
+from numpyro_iwae.core.plates import PlateStructure
+from numpyro_iwae.core.program import Program
+from numpyro_iwae.evaluators.base import Evaluator
+from numpyro_iwae.evaluators.importance import ChunkLogW, ImportanceSampling
+from numpyro_iwae.maths.ais import AISResult, ais_log_weights, sigmoid_schedule
+from numpyro_iwae.maths.bounds import nan_to_neginf
+
+__all__ = ["AnnealedImportanceSampling"]
+
+
+class AnnealedImportanceSampling(ImportanceSampling):
+    """Importance sampling whose particles are annealed runs (see the module).
+
+    :param annealing_steps: T, the transitions per run.
+    :param leapfrog_steps: leapfrog steps per HMC transition.
+    :param step_size: the initial HMC step size; a pilot run of ``pilot_particles``
+        adapts it per transition and per plate element towards an acceptance of 0.65,
+        and the kept runs use those sizes fixed, so their weights stay unbiased.
+    :param pilot_particles: particles of the pilot run (its weights are discarded).
+    """
+
+    name: ClassVar[str] = "annealed importance sampling"
+
+    def __init__(
+        self,
+        annealing_steps: int,
+        leapfrog_steps: int = 5,
+        step_size: float = 0.1,
+        pilot_particles: int = 16,
+    ) -> None:
+        self.annealing_steps = check_positive_int(annealing_steps, "annealing_steps")
+        self.leapfrog_steps = check_positive_int(leapfrog_steps, "leapfrog_steps")
+        if not float(step_size) > 0:
+            raise ValueError(f"step_size must be positive, got {step_size!r}.")
+        self.step_size = float(step_size)
+        self.pilot_particles = check_positive_int(pilot_particles, "pilot_particles")
+
+    def particles(
+        self,
+        ev: Evaluator,
+        chunk_log_w: ChunkLogW,
+        program: Program,
+        values: dict,
+        structure: PlateStructure,
+        key: jax.Array,
+    ) -> ChunkLogW:
+        """One AIS run per particle, with step sizes adapted once, in a pilot run of
+        ``pilot_particles`` whose weights are discarded, and then fixed (so the kept
+        weights stay unbiased). NaN data is found by one importance-sampling draw.
+        """
+        nan_data = chunk_log_w(key[None])[2]  # (1, *plates) flags, as a chunk has
+        density = AnnealedDensity(program, values, structure, key[1])
+        betas = sigmoid_schedule(self.annealing_steps + 1)
+
+        def one(pair: jax.Array, step_sizes: jax.Array, adapt: bool) -> AISResult:
+            init_key, run_key = jax.random.split(pair[1])
+            return ais_log_weights(
+                run_key,
+                density.init(init_key),
+                lambda u: density.log_densities(u, pair[0]),
+                betas,
+                step_sizes,
+                self.leapfrog_steps,
+                density.element_sum,
+                density.element_expand,
+                adapt=adapt,
+            )
+
+        pilot_keys = jax.random.split(jax.random.fold_in(key[0], 7), (self.pilot_particles, 2))
+        pilot = jax.vmap(lambda k: one(k, jnp.float32(self.step_size), True))(pilot_keys)
+        step_sizes = jnp.exp(jnp.mean(jnp.log(pilot.step_sizes), axis=0))
+
+        def kept(pair: jax.Array) -> tuple[jax.Array, dict]:
+            out = one(pair, step_sizes, False)
+            # The final states, for importance resampling: approximately from the
+            # posterior, weighted by their AIS weights.
+            return out.log_w, density.values_at(out.u, pair[0])
+
+        def annealed_log_w(chunk_keys: jax.Array) -> tuple[jax.Array, dict, dict]:
+            log_w, draws = ev._vectorize(kept, chunk_keys)
+            return nan_to_neginf(log_w), draws, nan_data
+
+        return annealed_log_w
