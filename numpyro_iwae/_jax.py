@@ -138,8 +138,8 @@ def peak_bytes(jaxpr: Any) -> int:
 
     A value is alive from the equation that makes it to its last use; a nested
     jaxpr (``jit``, ``custom_vjp``, ...) adds its own peak while its equation runs.
-    XLA fuses and reuses buffers, so the true peak is lower (about 2-3x lower for
-    the MNIST VAE): an upper bound, cheap to compute (no compilation).
+    XLA fuses and reuses buffers, so the true peak is lower (for the MNIST VAE see
+    ``benchmarks/RESULTS.md``): an upper bound, cheap to compute (no compilation).
     """
     last: dict[Any, int] = {}
     for i, eqn in enumerate(jaxpr.eqns):

@@ -219,16 +219,14 @@ def log_weights(
     are seeded once, outside the particle map); latent values are drawn
     independently per particle.
 
-    Args:
-        program: model, guide and their arguments.
-        params: values for ``param`` (and ``mutable``) sites, constrained.
-        rng_key: a JAX PRNG key.
-        num_particles: K, the number of particles.
-        vectorize: maps a function over the leading axis of a pytree
-            (``jax.vmap``-like or ``jax.lax.map``-like).
+    :param program: model, guide and their arguments.
+    :param params: values for ``param`` (and ``mutable``) sites, constrained.
+    :param rng_key: a JAX PRNG key.
+    :param num_particles: K, the number of particles.
+    :param vectorize: maps a function over the leading axis of a pytree
+        (``jax.vmap``-like or ``jax.lax.map``-like).
 
-    Returns:
-        ``(LogWeights, PlateStructure)``.
+    :return: ``(LogWeights, PlateStructure)``.
 
     """
     draw, model_fn, structure = draw_particles(

@@ -177,11 +177,11 @@ def zero_weight_safe(
 
             # Only the parameters' cotangents are checked and redone: those of the
             # closure's traced values (the data, keys) are rarely wanted, and reading
-            # them would force XLA to compute them. The test reads nothing of size K:
-            # a reduction over the particles' cotangents here cost 7-10% of a small
-            # model's step. A sum is non-finite whenever one of its terms is (an
-            # overflow only costs the exact second pass): it cost nothing measurable
-            # on a VAE step where testing every entry with isfinite cost 6-7%. With no
+            # them would force XLA to compute them. The test reads nothing of size K
+            # (a reduction over the particles' cotangents is measurably slower on a
+            # small model's step; benchmarks/RESULTS.md, "zero-weight guard"). A sum is
+            # non-finite whenever one of its terms is (an overflow only costs the exact
+            # second pass), and cheaper than testing every entry with isfinite. With no
             # particle dead the second pass repeats the first.
             g_params, *g_consts = g_rest
             finite = jnp.isfinite(sum(jnp.sum(g) for g in _float_leaves(g_params)))

@@ -53,22 +53,21 @@ def dreg_log_weights(
     (``value_groups``, group 0 if absent), and only the groups that hold values
     are weighted; the others' ``log_q_path`` gets the plain cotangent.
 
-    Args:
-        log_p_fn: ``(values, params) -> (log_p, aux)``, ``log_p`` of shape
-            ``(K, *plates)`` (or a tuple of such arrays, one per group).
-        values: latent values, each ``(K, *value_shape)``, carrying their path
-            to the guide's parameters.
-        params: differentiable parameters of ``log_p_fn`` (a pytree).
-        log_q_path: guide log density of the reparameterized sites at stopped
-            parameters, ``(K, *plates)`` (or a tuple).
-        log_q_score: guide log density of the other sites, ``(K, *plates)`` (or a
-            tuple).
-        value_axes: ``(name, ndim, plate axes)`` per value, as in
-            :attr:`numpyro_iwae.core.plates.PlateStructure.value_axes`.
-        value_groups: ``(name, group)`` per value.
-        replicates: M, when the particle axis holds M independent sets of K
-            particles one after another (MIWAE): the weights are normalized within
-            each set.
+    :param log_p_fn: ``(values, params) -> (log_p, aux)``, ``log_p`` of shape
+        ``(K, *plates)`` (or a tuple of such arrays, one per group).
+    :param values: latent values, each ``(K, *value_shape)``, carrying their path
+        to the guide's parameters.
+    :param params: differentiable parameters of ``log_p_fn`` (a pytree).
+    :param log_q_path: guide log density of the reparameterized sites at stopped
+        parameters, ``(K, *plates)`` (or a tuple).
+    :param log_q_score: guide log density of the other sites, ``(K, *plates)`` (or a
+        tuple).
+    :param value_axes: ``(name, ndim, plate axes)`` per value, as in
+        :attr:`numpyro_iwae.core.plates.PlateStructure.value_axes`.
+    :param value_groups: ``(name, group)`` per value.
+    :param replicates: M, when the particle axis holds M independent sets of K
+        particles one after another (MIWAE): the weights are normalized within
+        each set.
 
     """
     single = not isinstance(log_q_path, tuple)

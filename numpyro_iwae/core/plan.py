@@ -179,10 +179,9 @@ def _plate_size_mismatch(
 
 #: Under ``weighting="auto"``, local weighting is chosen for latents inside a plate
 #: of at least this many elements (its full size, before subsampling), joint
-#: weighting below. Measured (``benchmarks/auto_weighting.py``): with a latent per
-#: datapoint next to a global one, the joint bound (K = 32) was tighter than the
-#: local one at N = 1 and 3 and looser from N = 10 on, by 3-4 nats at N = 10 and
-#: by 130-190 nats at N = 100.
+#: weighting below: with a latent per datapoint next to a global one, the joint bound
+#: is tighter than the local one for a few datapoints and looser from about ten on
+#: (``benchmarks/auto_weighting.py``; the numbers are in ``benchmarks/RESULTS.md``).
 AUTO_LOCAL_SIZE = 10
 
 
@@ -332,9 +331,9 @@ def check_subsampling(structure: PlateStructure, num_particles: int) -> None:
             f"The importance weights are joint over plate(s) {large}, which hold latent "
             f"sites, because site(s) {list(structure.outside_sites)} lie outside them: "
             "one weight per particle spans every element's latents, so the bound falls "
-            "towards the ELBO as the plate grows (measured with a latent per datapoint, "
-            "K = 32: 4 nats looser than the locally weighted bound at 10 datapoints, "
-            "130-190 at 100). Use weighting='local', with a guide that draws the global "
+            "towards the ELBO as the plate grows (benchmarks/RESULTS.md measures it: "
+            "with a latent per datapoint, looser than the locally weighted bound from "
+            "about ten datapoints on). Use weighting='local', with a guide that draws the global "
             "sites first and each element's latents per element (e.g. AutoNormal).",
             JointWeightsWarning,
             stacklevel=caller_stacklevel(),

@@ -204,15 +204,13 @@ def plate_structure(
 ) -> PlateStructure:
     """Find the plate structure of one traced particle.
 
-    Args:
-        model_trace: the model's trace, run against the guide's draw.
-        guide_trace: the guide's trace.
-        weighting: ``"joint"`` or ``"local"``.
-        demoted: plates never to treat as local (their sites are global).
+    :param model_trace: the model's trace, run against the guide's draw.
+    :param guide_trace: the guide's trace.
+    :param weighting: ``"joint"`` or ``"local"``.
+    :param demoted: plates never to treat as local (their sites are global).
 
-    Raises:
-        ValueError: model and guide subsample a plate differently, or a draw lies in
-            a local plate in the model but not in the guide.
+    :raises ValueError: model and guide subsample a plate differently, or a draw lies in
+        a local plate in the model but not in the guide.
 
     """
     model_sites = sample_sites(model_trace)

@@ -88,7 +88,7 @@ class MarginalLikelihood(Evaluator):
         The draws are only as good as the weights: check ``ess`` and ``k_hat``.
     :param return_log_weights: also return all ``K x plate`` log weights. This
         takes O(K x data) memory, which streaming otherwise avoids: at K = 5000
-        and 10,000 datapoints that is 200 MB of float32.
+        and 10,000 datapoints that is 5 x 10^7 float32 values.
     :param weighting: ``"joint"``: plain importance sampling, one weight per particle
         and element of the plates that enclose every sample site (fine for a few
         datapoints next to a global latent, hopeless for many: the joint weights'

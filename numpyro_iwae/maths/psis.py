@@ -46,11 +46,9 @@ def pareto_k_hat(top: jax.Array) -> jax.Array:
     :math:`\hat k` for extremely heavy tails (:math:`\hat k > 2`), never its
     verdict.
 
-    Args:
-        top: the largest :math:`M + 1` log weights along axis 0, in any order.
+    :param top: the largest :math:`M + 1` log weights along axis 0, in any order.
 
-    Returns:
-        :math:`\hat k`, shape ``top.shape[1:]``.
+    :return: :math:`\hat k`, shape ``top.shape[1:]``.
 
     """
     m_tail = top.shape[0] - 1

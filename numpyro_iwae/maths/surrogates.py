@@ -41,11 +41,9 @@ def vimco_learning_signal(log_w: jax.Array) -> jax.Array:
     signals (a particle of weight zero) are set to zero. The leave-one-out sums
     are formed exactly, at O(K^2) memory per plate element.
 
-    Args:
-        log_w: ``(K, *plate_shape)``.
+    :param log_w: ``(K, *plate_shape)``.
 
-    Returns:
-        ``(K, *plate_shape)``, to be used under ``stop_gradient``.
+    :return: ``(K, *plate_shape)``, to be used under ``stop_gradient``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -78,12 +76,11 @@ def with_score_terms(
     learning signals :math:`\ell` of :func:`vimco_learning_signal` computed from
     ``log_w``.
 
-    Args:
-        bound: ``plate_shape``, the bound whose gradient holds the pathwise part.
-        log_w: ``(K, *plate_shape)``.
-        log_q_score: ``(K, *plate_shape)``, the log density of the guide sites
-            without a reparameterized sampler, live parameters.
-        signal: ``(K, *plate_shape)`` learning signals to use instead of VIMCO's.
+    :param bound: ``plate_shape``, the bound whose gradient holds the pathwise part.
+    :param log_w: ``(K, *plate_shape)``.
+    :param log_q_score: ``(K, *plate_shape)``, the log density of the guide sites
+        without a reparameterized sampler, live parameters.
+    :param signal: ``(K, *plate_shape)`` learning signals to use instead of VIMCO's.
 
     """
     if signal is None:

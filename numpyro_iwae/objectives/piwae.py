@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from numpyro_iwae._jax import check_positive_int
 from numpyro_iwae.core.plates import PlateStructure
 from numpyro_iwae.core.program import ModelOutput, Program
 from numpyro_iwae.core.stages import log_ratio
 from numpyro_iwae.maths.bounds import iwae_bound
 from numpyro_iwae.maths.surrogates import dreg_surrogate
 from numpyro_iwae.objectives.base import (
-    Objective,
     refuse_global_sites,
     total_objective,
     zero_weight_log_w,
 )
-from numpyro_iwae.objectives.iwelbo import iwae_element_bound
-from numpyro_iwae.objectives.miwae import replicate_mean
+from numpyro_iwae.objectives.miwae import MIWAE
 
 __all__ = ["PIWAE"]
 
 
-class PIWAE(Objective):
+class PIWAE(MIWAE):
     r"""The partially importance-weighted objective (Rainforth et al., 2018): from one
     set of M K particles, the model's parameters :math:`\theta` ascend
     :math:`\mathrm{IWAE}_{MK}` and the guide's parameters :math:`\phi` ascend
@@ -52,32 +48,15 @@ class PIWAE(Objective):
     :param vectorize_particles: as for :class:`~numpyro_iwae.IWELBO`.
     :param weighting: as for :class:`~numpyro_iwae.IWELBO`.
 
+    The guide's objective is :class:`~numpyro_iwae.MIWAE`'s (its ``element_bound``);
+    PIWAE adds the model's and joins the two (``objective``).
+
     Example:
         >>> from numpyro_iwae import PIWAE
         >>> PIWAE(num_particles=8, num_replicates=8)
         PIWAE(num_particles=8, num_replicates=8, gradient_estimator='reparam', weighting='auto')
 
     """
-
-    repr_fields = ("num_particles", "num_replicates", "gradient_estimator", "weighting")
-
-    def __init__(
-        self,
-        num_particles: int = 8,
-        num_replicates: int = 1,
-        *,
-        gradient_estimator: str = "reparam",
-        vectorize_particles: bool | Callable = True,
-        weighting: str = "auto",
-    ) -> None:
-        super().__init__(
-            num_particles,
-            gradient_estimator=gradient_estimator,
-            vectorize_particles=vectorize_particles,
-            weighting=weighting,
-        )
-        self.num_replicates = check_positive_int(num_replicates, "num_replicates")
-        self.replicates = self.num_replicates
 
     def bound_particles(self) -> int:
         """The model's bound is over all M x K particles."""
@@ -91,10 +70,6 @@ class PIWAE(Objective):
                 "PIWAE(gradient_estimator='dreg')",
                 "use gradient_estimator='reparam' or 'stl', or weighting='joint'.",
             )
-
-    def element_bound(self, log_w: jax.Array, log_q_score: jax.Array, score: bool) -> jax.Array:
-        """The guide's objective per plate element: MIWAE(M, K), with VIMCO terms."""
-        return replicate_mean(iwae_element_bound, self.replicates, log_w, log_q_score, score)
 
     def _dreg_element(self, log_w: jax.Array, part: tuple, score: bool) -> jax.Array:
         """MIWAE's value (and VIMCO terms) from stopped log weights, plus DReG's
