@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_iwae import MarginalLikelihood
-from numpyro_iwae._jax import split_static
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,8 +48,7 @@ def score(model, guide, params, x, key, k: int, steps: int, leapfrog: int) -> di
     est = ml(key, x)
     pointwise = np.asarray(est.pointwise, np.float64)
     seconds = time.perf_counter() - start
-    dynamic, static = split_static(((x,), {}))
-    compiled = ml._evaluate.lower(key, params, dynamic, static).compile()
+    compiled = ml.lower(key, x).compile()
     return {
         "particles": k,
         "annealing_steps": steps,

@@ -84,13 +84,12 @@ CHILD = textwrap.dedent(
         rows.append({
             "task": "evaluate", "mode": mode, "devices": devices, "n": n, "k": k,
             "log_marginal": float(est.log_marginal), "seconds": seconds,
-            "chunk": ml._auto_chunk_used,
+            "chunk": ml.chunk_size_used,
             "points_per_s": n / seconds,
         })
 
     # Per-device memory of the compiled evaluation at a fixed chunk of 100 particles:
     # XLA's own accounting of the SPMD program each device runs.
-    from numpyro_iwae._jax import split_static
     for mode in ("data", "particles"):
         vec = shard_particles(mesh) if mode == "particles" else True
         data = x_split if mode == "data" else x
@@ -98,8 +97,7 @@ CHILD = textwrap.dedent(
             model, guide, params=params, num_particles=k, chunk_size=100,
             vectorize_particles=vec,
         )
-        dynamic, static = split_static(((data,), {}))
-        compiled = ml._evaluate.lower(jax.random.key(0), params, dynamic, static).compile()
+        compiled = ml.lower(jax.random.key(0), data).compile()
         memory = compiled.memory_analysis()
         rows.append({
             "task": "memory", "mode": mode, "devices": devices, "n": n, "k": k, "chunk": 100,

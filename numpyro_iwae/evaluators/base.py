@@ -60,6 +60,9 @@ class Evaluator:
     num_samples: int | None = None
     #: Whether the estimate keeps every log weight.
     return_log_weights: bool = False
+    #: The chunk the last evaluation chose from the memory budget (``None`` before one
+    #: has, or when ``chunk_size`` was given).
+    chunk_size_used: int | None = None
 
     def __init__(
         self,
@@ -128,6 +131,17 @@ class Evaluator:
             )
         return structure
 
+    def lower(self, rng_key: jax.Array, *args: Any, **kwargs: Any) -> jax.stages.Lowered:
+        """The evaluation for these arguments, lowered but not run
+        (:class:`jax.stages.Lowered`): ``.compile().memory_analysis()`` gives XLA's own
+        account of its memory, ``.compile().cost_analysis()`` its FLOPs.
+        """
+        values = {**self.params, **self.mutable_state}
+        Program(self.model, self.guide, args, kwargs).prepare_guide(values, rng_key)
+        dynamic, static = split_static((args, kwargs))
+        self._data_shards = max([num_shards(v) for v in dynamic], default=1)
+        return self._evaluate.lower(rng_key, values, dynamic, static)
+
     def _score(self, rng_key: jax.Array, args: tuple, kwargs: dict) -> Any:
         """Check, then run the compiled ``_evaluate_traced`` on the call's arguments
         (arrays dynamic, everything else static) and raise on NaN data.
@@ -176,7 +190,7 @@ class Evaluator:
         # Per device: the data and (with shard_particles) the particles are split.
         shards = self._data_shards * getattr(self._vectorize, "num_shards", 1)
         chunk = int(min(num_particles, max(1, self.memory_budget * shards // per_particle)))
-        self._auto_chunk_used = chunk  # for tests and benchmarks
+        self.chunk_size_used = chunk
         return chunk
 
 

@@ -150,9 +150,9 @@ def test_marginal_likelihood_on_sharded_data_equals_one_device():
     # The memory budget is per device: the automatic chunk is 8 times larger.
     tight = MarginalLikelihood(model, guide, params=PARAMS, num_particles=5000, memory_budget=2**16)
     tight(jax.random.key(1), X)
-    chunk_one = tight._auto_chunk_used
+    chunk_one = tight.chunk_size_used
     tight(jax.random.key(1), x_split)
-    assert 8 * chunk_one <= tight._auto_chunk_used < 8 * (chunk_one + 1)
+    assert 8 * chunk_one <= tight.chunk_size_used < 8 * (chunk_one + 1)
 
 
 def test_marginal_likelihood_with_sharded_particles_and_data():
