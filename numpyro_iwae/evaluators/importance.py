@@ -32,10 +32,12 @@ from numpyro_iwae.evaluators.results import LogMarginalEstimate
 from numpyro_iwae.maths.psis import pareto_k_hat, psis_tail_length
 from numpyro_iwae.maths.streaming import (
     RunningSums,
+    merge_every,
     running_ess,
     running_resample,
     running_start,
-    running_update,
+    running_sums_update,
+    running_top_merge,
 )
 
 __all__ = ["ImportanceSampling", "ChunkLogW", "estimate_from_sums"]
@@ -100,7 +102,8 @@ def stream(
     chunk_log_w: ChunkLogW,
 ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
     """Reduce ``K`` particles (``keys``) a chunk at a time: running sums, resampling
-    and the NaN-data flags, in one ``lax.scan``.
+    and the NaN-data flags, in a ``lax.scan`` over blocks of chunks (the largest weights
+    merged once per block).
     """
     k = ev.num_particles
     chunk = ev.chunk_size or ev._auto_chunk(chunk_log_w, keys, k)
@@ -125,29 +128,50 @@ def stream(
             n: jnp.zeros((num_samples,) + v.shape[1:], v.dtype) for n, v in out_shapes[1].items()
         }
     resample_keys = jax.random.split(jax.random.fold_in(rng_key, 1), num_chunks)
+    # The largest weights (for PSIS) are merged once per block of chunks: a top_k per
+    # chunk would cost as much as the model on small models (benchmarks/RESULTS.md).
+    every = merge_every(chunk, init.top.shape[0], math.prod(structure.sizes), ev.memory_budget // 8)
 
-    def body(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array | None]:
+    def body(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array]:
         state, samples, nan_data = carry
         chunk_keys, chunk_live, resample_key = xs
         log_w, draw_values, chunk_nan = masked_log_w(chunk_keys, chunk_live)
-        new_state = running_update(state, log_w)
+        new_state = running_sums_update(state, log_w)
         if num_samples:
             samples = running_resample(
                 resample_key, samples, state, new_state, log_w, draw_values, axes
             )
         nan_data = {n: nan_data[n] | chunk_nan[n] for n in nan_data}
-        return (new_state, samples, nan_data), (log_w if ev.return_log_weights else None)
+        return (new_state, samples, nan_data), log_w
 
-    (state, samples, nan_data), stacked = jax.lax.scan(
-        body, (init, samples0, nan0), (keys, live, resample_keys)
+    def block(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array | None]:
+        (state, samples, nan_data), log_w = jax.lax.scan(body, carry, xs)
+        flat = log_w.reshape((-1,) + log_w.shape[2:])
+        state = running_top_merge(state, flat)
+        return (state, samples, nan_data), (flat if ev.return_log_weights else None)
+
+    xs = (keys, live, resample_keys)
+    whole = num_chunks // every * every
+    carry, stacked = jax.lax.scan(
+        block,
+        (init, samples0, nan0),
+        jax.tree.map(lambda x: x[:whole].reshape((-1, every) + x.shape[1:]), xs),
     )
+    if ev.return_log_weights:
+        stacked = stacked.reshape((-1,) + stacked.shape[2:])
+    if whole < num_chunks:
+        carry, rest = block(carry, jax.tree.map(lambda x: x[whole:], xs))
+        if ev.return_log_weights:
+            stacked = jnp.concatenate([stacked, rest])
+    state, samples, nan_data = carry
     return estimate_from_sums(state, stacked, k, samples if num_samples else None), nan_data
 
 
 def estimate_from_sums(
     state: RunningSums, stacked: jax.Array | None, k: int, samples: dict | None
 ) -> LogMarginalEstimate:
-    r"""The estimate from the running sums of ``k`` particles: per element
+    r"""The estimate from the running sums of ``k`` particles (and, if kept, their log
+    weights ``(>= k, *plates)``, padding last): per element
     :math:`\log \frac1K \sum_k w_k`, the delta-method standard error
     :math:`\sqrt{1/\mathrm{ESS} - 1/K}`, the ESS and PSIS :math:`\hat k`.
     """
@@ -161,9 +185,7 @@ def estimate_from_sums(
         stderr = jnp.float32(jnp.nan)
         pointwise_stderr = jnp.full(ess.shape, jnp.nan, ess.dtype)
     k_hat = pareto_k_hat(state.top) if state.top.shape[0] > 1 else jnp.full(ess.shape, jnp.inf)
-    log_weights = None
-    if stacked is not None:
-        log_weights = stacked.reshape((-1,) + stacked.shape[2:])[:k]
+    log_weights = None if stacked is None else stacked[:k]
     return LogMarginalEstimate(
         log_marginal=jnp.sum(pointwise),
         pointwise=pointwise,

@@ -129,7 +129,7 @@ class NestedImportanceSampling:
             outer,
         )
         estimate = estimate_from_sums(
-            state, outer[None] if ev.return_log_weights else None, num_global, None
+            state, outer if ev.return_log_weights else None, num_global, None
         )
         names = [p for p, _, _ in structure.local_plates]
         estimate = estimate._replace(

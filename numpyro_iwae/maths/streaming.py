@@ -18,6 +18,9 @@ from numpyro_iwae.maths.layout import plate_layout
 __all__ = [
     "RunningSums",
     "running_update",
+    "running_sums_update",
+    "running_top_merge",
+    "merge_every",
     "running_start",
     "running_ess",
     "running_log_sum",
@@ -35,16 +38,47 @@ class RunningSums(NamedTuple):
 
 
 def running_update(state: RunningSums, log_w: jax.Array) -> RunningSums:
-    """Fold a chunk of log weights, ``(chunk, *plates)``, into the running sums."""
+    """Fold a chunk of log weights, ``(chunk, *plates)``, into the running sums and
+    the kept largest weights (:func:`running_sums_update` then :func:`running_top_merge`).
+    """
+    return running_top_merge(running_sums_update(state, log_w), log_w)
+
+
+def running_sums_update(state: RunningSums, log_w: jax.Array) -> RunningSums:
+    """Fold a chunk of log weights, ``(chunk, *plates)``, into the sums
+    :math:`(m, s_1, s_2)` only; the kept largest weights are left to
+    :func:`running_top_merge`, which can then take many chunks at once.
+    """
     peak = jnp.maximum(state.peak, jnp.max(log_w, axis=0))
     safe = jnp.where(jnp.isneginf(peak), 0.0, peak)
     shrink = jnp.exp(state.peak - safe)
     rel = jnp.exp(log_w - safe)
     s1 = state.s1 * shrink + jnp.sum(rel, axis=0)
     s2 = state.s2 * shrink**2 + jnp.sum(rel**2, axis=0)
+    return state._replace(peak=peak, s1=s1, s2=s2)
+
+
+def running_top_merge(state: RunningSums, log_w: jax.Array) -> RunningSums:
+    """Keep the largest ``M + 1`` of the kept weights and ``log_w``, ``(n, *plates)``.
+
+    A ``top_k`` over the ``M + 1 + n`` candidates per element costs about as much for
+    one particle as for ``M`` of them, so callers merge blocks of many chunks
+    (:func:`merge_every`), not every chunk.
+    """
     both = jnp.concatenate([state.top, log_w], axis=0)
     top = jnp.moveaxis(jax.lax.top_k(jnp.moveaxis(both, 0, -1), state.top.shape[0])[0], -1, 0)
-    return RunningSums(peak, s1, s2, top)
+    return state._replace(top=top)
+
+
+def merge_every(chunk: int, m_top: int, elements: int, budget_bytes: int) -> int:
+    """How many chunks of ``chunk`` particles to collect before one
+    :func:`running_top_merge`: enough for about ``4 m_top`` particles (so the merge's cost
+    per particle is a small fraction of the per-chunk one), and no more than
+    ``budget_bytes`` of collected float32 log weights over ``elements`` plate elements.
+    """
+    wanted = -(-4 * m_top // chunk)
+    affordable = budget_bytes // max(1, 4 * chunk * elements)
+    return int(max(1, min(wanted, affordable)))
 
 
 def running_start(shape: tuple[int, ...], m_top: int) -> RunningSums:

@@ -327,3 +327,20 @@ def test_pointwise_stderr_adds_up_to_the_stderr():
     np.testing.assert_allclose(np.sqrt(np.sum(se_n**2)), float(est.stderr), rtol=1e-5)
     one = estimate(params(), k=1)
     assert np.all(np.isnan(np.asarray(one.pointwise_stderr))) and np.isnan(float(one.stderr))
+
+
+def test_the_kept_largest_weights_are_those_of_all_particles():
+    # The PSIS tail is merged once per block of chunks (chunk 3: 1000 particles are
+    # 334 chunks, blocks of 128 leave a remainder of 78): the kept weights must be exactly the
+    # largest of all K, as k-hat computed from every log weight shows.
+    from numpyro_iwae.maths.psis import pareto_k_hat, psis_tail_length
+
+    est = estimate(params(0.3, 1.8), k=1000, chunk=3, return_log_weights=True)
+    log_w = np.asarray(est.log_weights)
+    assert log_w.shape == (1000, 6)
+    m = psis_tail_length(1000) + 1
+    top = -np.sort(-log_w, axis=0)[:m]
+    np.testing.assert_allclose(est.k_hat, pareto_k_hat(jnp.asarray(top)), rtol=1e-6)
+    np.testing.assert_allclose(
+        est.pointwise, jax.nn.logsumexp(log_w, axis=0) - math.log(1000), rtol=1e-5
+    )
