@@ -128,9 +128,18 @@ def main(argv=None) -> dict:
         action="store_true",
         help="GPU sizes: every mode at N = 10,000, K = 5000 (peak memory is the device's)",
     )
-    parser.add_argument("--out", type=Path, default=HERE / "evaluation.json")
+    parser.add_argument(
+        "--rate",
+        action="store_true",
+        help="only K = 5000 over 10,000 points, streamed against the per-datapoint lax.map",
+    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.out is None:
+        args.out = HERE / ("evaluation_rate.json" if args.rate else "evaluation.json")
+    if args.rate:
+        configs = [("streamed", 10000, 5000), ("permap", 10000, 5000)]
+    elif args.quick:
         configs = [("streamed", 100, 200), ("naive", 100, 200), ("permap", 100, 200)]
     elif args.gpu:
         configs = [

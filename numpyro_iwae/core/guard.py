@@ -106,31 +106,67 @@ def zero_weight_safe(
     ``log p`` (:func:`_tag_values`). This traces the model once instead of twice and
     leaves XLA the ordinary backward pass.
     """
+    if not shared_params and group_shapes is not None:
+        return _tagged(model_fn, tuple(value_axes), tuple(value_groups), group_shapes)
+    return _guarded(model_fn, value_axes, value_groups, shared_params)
+
+
+def _per_group(log_p: Any) -> tuple:
+    return log_p if isinstance(log_p, tuple) else (log_p,)
+
+
+def _tagged(
+    model_fn: ModelFn,
+    value_axes: tuple,
+    value_groups: tuple,
+    group_shapes: tuple[tuple[int, ...], ...],
+) -> ModelFn:
+    """The model unwrapped, its values passed through an identity whose backward pass
+    zeroes the dead particles' cotangents (told which by zeros added to ``log p``).
+    """
+    layout = (value_axes, value_groups)
+
+    def tagged(values: dict[str, jax.Array], params: Any) -> tuple[Any, ModelOutput]:
+        if not values:
+            return model_fn(values, params)
+        k = jax.tree.leaves(values)[0].shape[0]
+        carriers = tuple(jnp.zeros((k, *shape)) for shape in group_shapes)
+        values, carriers = call_backward_defined(
+            partial(_tag_values, layout),
+            values,
+            carriers,
+            fallback=lambda v, c: (v, c),  # forward mode: the masked logsumexp suffices
+        )
+        log_p, output = model_fn(values, params)
+        summed = tuple(p + c for p, c in zip(_per_group(log_p), carriers))
+        return (summed if isinstance(log_p, tuple) else summed[0]), output
+
+    return tagged
+
+
+def _moved_values(values: dict, weights: tuple, axes: dict, groups: dict) -> dict:
+    """Each dead particle's values (cotangent ``weights`` of its group exactly 0)
+    replaced by those of its plate element's particle of largest ``|weight|``, a live one.
+    """
+    safe = {}
+    for name, value in values.items():
+        ndim, ax = axes[name]
+        weight = weights[groups.get(name, 0)]
+        best = plate_layout(jnp.argmax(jnp.abs(weight), axis=0)[None], ndim, ax)
+        chosen = jnp.take_along_axis(value, best, axis=0)
+        safe[name] = jnp.where(plate_layout(weight == 0, ndim, ax), chosen, value)
+    return safe
+
+
+def _guarded(
+    model_fn: ModelFn, value_axes: tuple, value_groups: tuple, shared_params: bool
+) -> ModelFn:
+    """The model in a ``custom_vjp`` whose backward pass zeroes the dead particles'
+    value cotangents and, if the shared parameters' cotangent comes out non-finite,
+    redoes it with the dead particles moved onto live ones.
+    """
     axes, groups = _layout_maps(value_axes, value_groups)
     live_groups = sorted({groups.get(name, 0) for name in axes})
-
-    def per_group(log_p: Any) -> tuple:
-        return log_p if isinstance(log_p, tuple) else (log_p,)
-
-    if not shared_params and group_shapes is not None:
-        layout = (tuple(value_axes), tuple(value_groups))
-
-        def tagged(values: dict[str, jax.Array], params: Any) -> tuple[Any, ModelOutput]:
-            if not values:
-                return model_fn(values, params)
-            k = jax.tree.leaves(values)[0].shape[0]
-            carriers = tuple(jnp.zeros((k, *shape)) for shape in group_shapes)
-            values, carriers = call_backward_defined(
-                partial(_tag_values, layout),
-                values,
-                carriers,
-                fallback=lambda v, c: (v, c),  # forward mode: the masked logsumexp suffices
-            )
-            log_p, output = model_fn(values, params)
-            summed = tuple(p + c for p, c in zip(per_group(log_p), carriers))
-            return (summed if isinstance(log_p, tuple) else summed[0]), output
-
-        return tagged
 
     def wrapped(values: dict[str, jax.Array], params: Any) -> tuple[jax.Array, ModelOutput]:
         converted, consts = hoist_closure(model_fn, values, params)
@@ -150,7 +186,7 @@ def zero_weight_safe(
             # of weight zero: log p of -inf or NaN (nan_to_neginf passes cotangents
             # through), or finite but so small that its normalized weight underflows.
             # Only groups that hold per-particle values count.
-            dead = {g: per_group(cotangent[0])[g] == 0 for g in live_groups}
+            dead = {g: _per_group(cotangent[0])[g] == 0 for g in live_groups}
             g_values, *g_rest = vjp(cotangent)
             grads = (_zero_dead_values(g_values, dead, axes, groups), *g_rest)
             if not shared_params or not dead:
@@ -159,19 +195,11 @@ def zero_weight_safe(
             values, params, consts = inputs
 
             def moved(cotangent: Any) -> Any:
-                # Each dead particle moves onto its plate element's particle of largest
-                # |cotangent|: a live one, whose derivatives are in the gradient anyway.
                 # The dead particles' cotangent is 0, so at their new points they add
                 # exactly 0. Only the shared inputs' cotangents are recomputed (the
                 # values' are those of the first pass, zero where dead), so the branch
                 # takes the values and the cotangent and returns small outputs.
-                safe = {}
-                for name, value in values.items():
-                    ndim, ax = axes[name]
-                    weight = per_group(cotangent[0])[groups.get(name, 0)]
-                    best = plate_layout(jnp.argmax(jnp.abs(weight), axis=0)[None], ndim, ax)
-                    chosen = jnp.take_along_axis(value, best, axis=0)
-                    safe[name] = jnp.where(plate_layout(weight == 0, ndim, ax), chosen, value)
+                safe = _moved_values(values, _per_group(cotangent[0]), axes, groups)
                 _, safe_vjp = jax.vjp(converted, safe, params, *consts)
                 return safe_vjp(cotangent)[1]
 

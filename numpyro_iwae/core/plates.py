@@ -233,13 +233,8 @@ def plate_structure(
     ref = stacks[0] if stacks else {}
     names = tuple(sorted(common, key=lambda n: ref[n].dim))
     sizes = tuple(int(ref[n].size) for n in names)
-    for st in stacks:
-        for n, size in zip(names, sizes):
-            if int(st[n].size) != size:
-                raise ValueError(
-                    f"Plate '{n}' has size {size} at one site and {st[n].size} at "
-                    "another; model and guide must subsample it identically."
-                )
+    for n, size in zip(names, sizes):
+        _check_one_size(n, size, stacks)
     joint = tuple(
         sorted((n, full_size(n, int(f.size))) for n, f in all_plates.items() if n not in common)
     )
@@ -258,31 +253,11 @@ def plate_structure(
     local: list[str] = []
     groups: dict[str, int] = {}
     if weighting == "local" and joint:
-        draws = [not s["is_observed"] for s in sites]
-        demoted = set(demoted)
-        while True:
-            local, crossed = _local_plates(stacks, draws, common, demoted)
-            # A site in two local plates (crossed plates), or in a local plate in the
-            # model but not in the guide (a joint guide draws it outside): its plates
-            # cannot be split per element, so they are made global.
-            groups = {}
-            for (name, _), st in zip(named, stacks):
-                inside = [i for i, p in enumerate(local, 1) if p in st]
-                group = inside[0] if inside else 0
-                if groups.setdefault(name, group) != group:
-                    crossed |= {local[g - 1] for g in (group, groups[name]) if g}
-            if not crossed:
-                break
-            demoted |= crossed
+        local, groups = _split_local(named, stacks, common, set(demoted))
     local_plates = []
     for p in local:
         size = int(all_plates[p].size)
-        for st in stacks:
-            if p in st and int(st[p].size) != size:
-                raise ValueError(
-                    f"Plate '{p}' has size {size} at one site and {st[p].size} at "
-                    "another; model and guide must subsample it identically."
-                )
+        _check_one_size(p, size, [st for st in stacks if p in st])
         local_plates.append((p, size, full_size(p, size)))
 
     nonreparam = tuple(
@@ -293,29 +268,12 @@ def plate_structure(
     global_sites = tuple(
         sorted(n for n, s in guide_sites.items() if not s["is_observed"] and groups.get(n) == 0)
     )
-    value_axes = []
-    for name, site in sorted(guide_sites.items()):
-        if site["is_observed"] or not is_latent(site) or name in global_sites:
-            continue
-        ndim = jnp.ndim(site["value"])
-        batch_ndim = ndim - site["fn"].event_dim
-        frames = {f.name: f for f in site["cond_indep_stack"]}
-        group = groups.get(name, 0)
-        plates = names + ((local[group - 1],) if group else ())
-        value_axes.append((name, ndim, tuple(batch_ndim + frames[n].dim for n in plates)))
+    value_axes = _value_axes(guide_sites, names, local, groups, global_sites)
     param_sites = tuple(
         sorted(
             {n for tr in (model_trace, guide_trace) for n, s in tr.items() if s["type"] == "param"}
         )
     )
-    guide_only = []
-    for name, site in sorted(guide_trace.items()):
-        if site["type"] != "plate" or name not in model_trace:
-            continue
-        size, guide_sub = site["args"]
-        model_sub = model_trace[name]["args"][1]
-        if guide_sub is not None and guide_sub != size and model_sub in (None, size):
-            guide_only.append((name, int(size), int(guide_sub)))
     return PlateStructure(
         names=names,
         sizes=sizes,
@@ -324,11 +282,11 @@ def plate_structure(
         subsampled_joint_plates=subsampled_joint,
         nonreparam_sites=nonreparam,
         outside_sites=outside,
-        value_axes=tuple(value_axes),
+        value_axes=value_axes,
         param_sites=param_sites,
         model_param_sites=tuple(sorted(n for n, s in model_trace.items() if s["type"] == "param")),
         guide_factor_sites=tuple(sorted(n for n, s in guide_sites.items() if s["is_observed"])),
-        guide_only_subsampled=tuple(guide_only),
+        guide_only_subsampled=_guide_only_subsampled(model_trace, guide_trace),
         weighting="local" if groups else "joint",
         local_plates=tuple(local_plates),
         groups=tuple(sorted(groups.items())),
@@ -340,6 +298,80 @@ def plate_structure(
             if is_latent(site) and _scaled(site, full_size)
         ),
     )
+
+
+def _check_one_size(name: str, size: int, stacks: list[dict[str, Any]]) -> None:
+    """Raise if plate ``name`` has another size than ``size`` at one of the sites."""
+    for st in stacks:
+        if int(st[name].size) != size:
+            raise ValueError(
+                f"Plate '{name}' has size {size} at one site and {st[name].size} at "
+                "another; model and guide must subsample it identically."
+            )
+
+
+def _split_local(
+    named: list[tuple[str, dict[str, Any]]],
+    stacks: list[dict[str, Any]],
+    common: set[str],
+    demoted: set[str],
+) -> tuple[list[str], dict[str, int]]:
+    """The local plates and each site's group (0: global, ``i``: the ``i``-th local
+    plate). A site in two local plates (crossed plates), or in a local plate in the
+    model but not in the guide (a joint guide draws it outside), makes its plates
+    global, and the split is redone without them.
+    """
+    draws = [not s["is_observed"] for _, s in named]
+    while True:
+        local, crossed = _local_plates(stacks, draws, common, demoted)
+        groups: dict[str, int] = {}
+        for (name, _), st in zip(named, stacks):
+            inside = [i for i, p in enumerate(local, 1) if p in st]
+            group = inside[0] if inside else 0
+            if groups.setdefault(name, group) != group:
+                crossed |= {local[g - 1] for g in (group, groups[name]) if g}
+        if not crossed:
+            return local, groups
+        demoted |= crossed
+
+
+def _value_axes(
+    guide_sites: dict[str, dict[str, Any]],
+    names: tuple[str, ...],
+    local: list[str],
+    groups: dict[str, int],
+    global_sites: tuple[str, ...],
+) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+    """``(name, ndim, plate axes)`` of each latent value drawn per particle: where the
+    independent plates (and the site's local plate) lie in its value's shape.
+    """
+    value_axes = []
+    for name, site in sorted(guide_sites.items()):
+        if site["is_observed"] or not is_latent(site) or name in global_sites:
+            continue
+        ndim = jnp.ndim(site["value"])
+        batch_ndim = ndim - site["fn"].event_dim
+        frames = {f.name: f for f in site["cond_indep_stack"]}
+        group = groups.get(name, 0)
+        plates = names + ((local[group - 1],) if group else ())
+        value_axes.append((name, ndim, tuple(batch_ndim + frames[n].dim for n in plates)))
+    return tuple(value_axes)
+
+
+def _guide_only_subsampled(model_trace: Trace, guide_trace: Trace) -> tuple:
+    """``(plate, size, subsample size)`` of the plates the guide subsamples and the
+    model, called with these arguments, does not (an AutoGuide fixes its plates'
+    subsample sizes at its first call).
+    """
+    guide_only = []
+    for name, site in sorted(guide_trace.items()):
+        if site["type"] != "plate" or name not in model_trace:
+            continue
+        size, guide_sub = site["args"]
+        model_sub = model_trace[name]["args"][1]
+        if guide_sub is not None and guide_sub != size and model_sub in (None, size):
+            guide_only.append((name, int(size), int(guide_sub)))
+    return tuple(guide_only)
 
 
 def _scaled(site: dict[str, Any], full_size: Callable[[str, int], int]) -> bool:
