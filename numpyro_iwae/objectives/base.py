@@ -128,6 +128,9 @@ class Objective(ELBO):
     can_infer_discrete = True
     #: The accepted values of ``gradient_estimator``.
     estimators: ClassVar[tuple[str, ...]] = GRADIENT_ESTIMATORS
+    #: The estimators built on squared normalized weights (DReG's), which a scaled guide
+    #: biases: refused with scaled guide sites for K > 1.
+    squared_weight_estimators: ClassVar[tuple[str, ...]] = ("dreg",)
     #: Former spellings of ``gradient_estimator`` values, refused with the new name.
     renamed_estimators: ClassVar[dict[str, str]] = {}
     #: What the error for another value adds (e.g. which class has it).
@@ -232,7 +235,7 @@ class Objective(ELBO):
         )
         check_subsampling(structure, self.num_particles)
         self.check_structure(structure)
-        if self.gradient_estimator in ("dreg", "wake_dreg") and self.num_particles > 1:
+        if self.gradient_estimator in self.squared_weight_estimators and self.num_particles > 1:
             if structure.scaled_guide_sites:
                 raise ValueError(
                     f"{type(self).__name__}(gradient_estimator={self.gradient_estimator!r}) "

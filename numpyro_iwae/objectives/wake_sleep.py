@@ -173,6 +173,7 @@ class ReweightedWakeSleep(Objective):
 
     estimators = ("wake", "wake_dreg")
     renamed_estimators = {"score": "wake", "dreg": "wake_dreg"}
+    squared_weight_estimators = ("wake_dreg",)
     repr_fields = ("num_particles", "insomnia", "gradient_estimator", "weighting")
 
     def __init__(
