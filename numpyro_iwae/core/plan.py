@@ -344,9 +344,11 @@ def _unweighted_message(structure: PlateStructure) -> str:
     """What an :class:`UnweightedBoundWarning` says for this structure."""
     shared = list(structure.global_sites)
     if structure.latent_plates:
+        plates = [p for p, _, _ in structure.local_plates] or list(structure.latent_plates)
         return (
             "Local weighting: no latent is drawn per particle inside the plate(s) "
-            f"{[p for p, _, _ in structure.local_plates]} (global sites: {shared}), so "
+            f"{plates}: the guide draws them once per step with the global sites "
+            f"({shared}), so "
             "nothing is importance weighted and the bound is the ELBO for every K. Local "
             "weighting pays off for latents inside a data plate whose guide draws them per "
             "element (e.g. AutoNormal, not a joint AutoGuide such as AutoDiagonalNormal)."
