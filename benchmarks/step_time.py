@@ -39,7 +39,8 @@ from numpyro.infer import SVI, RenyiELBO
 from numpyro.infer.autoguide import AutoNormal
 import optax
 
-from numpyro_iwae import IWELBO, weights
+from numpyro_iwae import IWELBO
+from numpyro_iwae.core import draw as core_draw
 
 HERE = Path(__file__).resolve().parent
 
@@ -248,7 +249,7 @@ def without_guard(stepper: Stepper) -> Stepper:
     step = stepper._step
 
     def unguarded(state):
-        with mock.patch.object(weights, "zero_weight_safe", lambda fn, *_, **__: fn):
+        with mock.patch.object(core_draw, "zero_weight_safe", lambda fn, *_, **__: fn):
             return step(state)
 
     stepper._step = unguarded
