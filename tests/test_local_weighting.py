@@ -496,3 +496,7 @@ def test_evaluator_options_are_refused_by_the_algorithm_that_lacks_them():
             MarginalLikelihood(model, guide, **{name: 0})
     with pytest.raises(TypeError, match="vectorize_particles"):
         MarginalLikelihood(model, guide, vectorize_particles="vmap")
+    # The annealing options are checked whether or not annealing is on.
+    for bad in ({"leapfrog_steps": 0}, {"step_size": -0.1}, {"pilot_particles": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MarginalLikelihood(model, guide, **bad)

@@ -25,7 +25,19 @@ from numpyro_iwae.evaluators.importance import ChunkLogW, ImportanceSampling
 from numpyro_iwae.maths.ais import AISResult, ais_log_weights, sigmoid_schedule
 from numpyro_iwae.maths.bounds import nan_to_neginf
 
-__all__ = ["AnnealedImportanceSampling"]
+__all__ = ["AnnealedImportanceSampling", "check_hmc_options"]
+
+
+def check_hmc_options(
+    leapfrog_steps: int, step_size: float, pilot_particles: int
+) -> tuple[int, float, int]:
+    """The HMC options of an annealed run, checked: positive ints and a positive step
+    size, or an error naming the argument.
+    """
+    leapfrog_steps = check_positive_int(leapfrog_steps, "leapfrog_steps")
+    if not float(step_size) > 0:
+        raise ValueError(f"step_size must be positive, got {step_size!r}.")
+    return leapfrog_steps, float(step_size), check_positive_int(pilot_particles, "pilot_particles")
 
 
 class AnnealedImportanceSampling(ImportanceSampling):
@@ -49,11 +61,9 @@ class AnnealedImportanceSampling(ImportanceSampling):
         pilot_particles: int = 16,
     ) -> None:
         self.annealing_steps = check_positive_int(annealing_steps, "annealing_steps")
-        self.leapfrog_steps = check_positive_int(leapfrog_steps, "leapfrog_steps")
-        if not float(step_size) > 0:
-            raise ValueError(f"step_size must be positive, got {step_size!r}.")
-        self.step_size = float(step_size)
-        self.pilot_particles = check_positive_int(pilot_particles, "pilot_particles")
+        self.leapfrog_steps, self.step_size, self.pilot_particles = check_hmc_options(
+            leapfrog_steps, step_size, pilot_particles
+        )
 
     def particles(
         self,

@@ -22,7 +22,7 @@ from numpyro_iwae.core.draw import split_keys
 from numpyro_iwae.core.plan import choose_weighting, plan
 from numpyro_iwae.core.plates import WEIGHTINGS
 from numpyro_iwae.core.program import Program
-from numpyro_iwae.evaluators.annealed import AnnealedImportanceSampling
+from numpyro_iwae.evaluators.annealed import AnnealedImportanceSampling, check_hmc_options
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.importance import ImportanceSampling
 from numpyro_iwae.evaluators.nested import NestedImportanceSampling
@@ -202,19 +202,20 @@ class MarginalLikelihood(Evaluator):
         self.weighting = weighting
         self.num_global_particles = _optional_count(num_global_particles, "num_global_particles")
         self.annealing_steps = _optional_count(annealing_steps, "annealing_steps")
+        # Checked whether or not annealing is on: a bad value is an error, not ignored.
+        self.leapfrog_steps, self.step_size, self.pilot_particles = check_hmc_options(
+            leapfrog_steps, step_size, pilot_particles
+        )
         self._joint: ImportanceSampling = (
             ImportanceSampling()
             if self.annealing_steps is None
             else AnnealedImportanceSampling(
-                self.annealing_steps, leapfrog_steps, step_size, pilot_particles
+                self.annealing_steps, self.leapfrog_steps, self.step_size, self.pilot_particles
             )
         )
         self._local = NestedImportanceSampling(
             self.num_global_particles or DEFAULT_GLOBAL_PARTICLES
         )
-        self.leapfrog_steps = leapfrog_steps
-        self.step_size = float(step_size)
-        self.pilot_particles = pilot_particles
         options = {
             "num_samples": self.num_samples is not None,
             "return_log_weights": self.return_log_weights,
