@@ -24,11 +24,22 @@ from numpyro_iwae.core.plan import plan
 from numpyro_iwae.core.plates import PlateStructure
 from numpyro_iwae.core.program import Program, point_mass_sites
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "chunk_keys", "Evaluator", "raise_on_nan_data"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "CPU_WORKING_SET",
+    "chunk_keys",
+    "Evaluator",
+    "raise_on_nan_data",
+]
 
 
 #: Bytes the particles of one chunk may take when ``chunk_size=None`` (1 GiB).
 DEFAULT_MEMORY_BUDGET = 2**30
+
+#: On CPU, bytes one chunk's particles are kept under as well (128 MiB): there a
+#: chunk that stays near the caches runs faster than one that fills the memory
+#: budget, while accelerators want the largest chunk that fits.
+CPU_WORKING_SET = 2**27
 
 
 def chunk_keys(keys: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -180,8 +191,9 @@ class Evaluator:
         return estimate
 
     def _auto_chunk(self, chunk_log_w: Callable, keys: jax.Array, num_particles: int) -> int:
-        """The largest chunk whose particles fit in ``memory_budget``: the peak size
-        of two particles' arrays less one particle's (what one more particle adds).
+        """The largest chunk whose particles fit in ``memory_budget`` (on CPU also in
+        :data:`CPU_WORKING_SET`): the peak size of two particles' arrays less one
+        particle's (what one more particle adds).
         """
         if num_particles == 1:
             return 1
@@ -189,7 +201,10 @@ class Evaluator:
         per_particle = max(two - one, one // 2, 1)
         # Per device: the data and (with shard_particles) the particles are split.
         shards = self._data_shards * getattr(self._vectorize, "num_shards", 1)
-        chunk = int(min(num_particles, max(1, self.memory_budget * shards // per_particle)))
+        limit = self.memory_budget
+        if jax.default_backend() == "cpu":
+            limit = min(limit, CPU_WORKING_SET)
+        chunk = int(min(num_particles, max(1, limit * shards // per_particle)))
         self.chunk_size_used = chunk
         return chunk
 

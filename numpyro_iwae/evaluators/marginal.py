@@ -70,7 +70,9 @@ class MarginalLikelihood(Evaluator):
     :param chunk_size: particles per chunk; ``None`` to choose the largest chunk
         whose intermediate arrays fit in ``memory_budget``.
     :param memory_budget: bytes the particles of one chunk may take when
-        ``chunk_size=None`` (default :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB). The
+        ``chunk_size=None`` (default :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB; on CPU
+        at most :data:`~numpyro_iwae.evaluators.base.CPU_WORKING_SET`, 128 MiB, is
+        used, which runs faster there). The
         size of one particle is the total size of the arrays one particle's
         guide and model computations create, an upper bound on what they keep
         alive at once. The budget is per device: when the data are placed on

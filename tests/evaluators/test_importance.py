@@ -212,6 +212,32 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+def test_automatic_chunk_follows_the_budget_and_on_cpu_the_working_set():
+    from numpyro_iwae.evaluators.base import CPU_WORKING_SET
+
+    x = np.zeros((4000, 64), np.float32)
+
+    def wide_model(x):
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([64]).to_event(1))
+            numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def wide_guide(x):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(0.0, 1.0).expand([64]).to_event(1))
+
+    def chunk(budget):
+        ml = MarginalLikelihood(wide_model, wide_guide, num_particles=5000, memory_budget=budget)
+        jax.eval_shape(lambda key: ml(key, x).log_marginal, jax.random.key(0))
+        return ml.chunk_size_used
+
+    # A particle here is about 1 MiB of arrays: a small budget bounds the chunk ...
+    small = chunk(2**24)
+    assert 1 < small < chunk(CPU_WORKING_SET) < 5000
+    # ... and on CPU a budget past the working set buys no larger chunk.
+    assert jax.default_backend() != "cpu" or chunk(2**34) == chunk(CPU_WORKING_SET)
+
+
 @pytest.mark.slow
 def test_k5000_over_1000_datapoints_stays_under_2_gib():
     out = subprocess.run(
