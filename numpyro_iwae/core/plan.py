@@ -19,6 +19,7 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.util import _validate_model, check_model_guide_match
 
 from numpyro_iwae._jax import caller_stacklevel, jaxpr_dependencies, jaxpr_reaches
+from numpyro_iwae.core.enumeration import require_funsor
 from numpyro_iwae.core.plates import (
     PlateStructure,
     Trace,
@@ -101,6 +102,8 @@ def plan(
         check_model_guide_match(model_trace, guide_trace)
         _validate_model(model_trace, plate_warning="loose")
         joint = plate_structure(model_trace, guide_trace)
+        if joint.enumerated:
+            require_funsor()
         found.append(joint)
         if weighting == "joint" or not joint.joint_plates:
             return

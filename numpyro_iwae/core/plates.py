@@ -34,6 +34,8 @@ __all__ = [
     "Trace",
     "sample_sites",
     "is_latent",
+    "enumerated_sites",
+    "plate_nesting",
     "PlateStructure",
     "plate_structure",
     "to_plates",
@@ -106,6 +108,11 @@ class PlateStructure:
         scaled_guide_sites: guide draws whose log density is scaled by more than
             the subsampling of their plates (``handlers.scale``, as in KL annealing
             or tempering), or by a scale not known while tracing.
+        enumerated: model latent sites marked for parallel enumeration that the
+            guide does not draw: summed out inside the weight
+            (:mod:`~numpyro_iwae.core.enumeration`).
+        enum_nesting: the batch dimensions the plates take; enumeration allocates
+            its dimensions left of them.
 
     """
 
@@ -128,6 +135,8 @@ class PlateStructure:
     latent_plates: tuple[str, ...] = ()
     unweighted: bool = False
     scaled_guide_sites: tuple[str, ...] = ()
+    enumerated: tuple[str, ...] = ()
+    enum_nesting: int = 0
 
     @property
     def scale(self) -> float:
@@ -170,6 +179,34 @@ class PlateStructure:
     def zeros(self) -> tuple[jax.Array, ...]:
         """One zero array per group, to accumulate log densities into."""
         return tuple(jnp.zeros(self.group_shape(g)) for g in range(self.num_groups))
+
+
+def enumerated_sites(model_trace: Trace, guide_trace: Trace) -> tuple[str, ...]:
+    """Model latent sites marked for parallel enumeration that the guide does not draw."""
+    guide_sites = sample_sites(guide_trace)
+    return tuple(
+        sorted(
+            name
+            for name, site in sample_sites(model_trace).items()
+            if not site["is_observed"]
+            and site["infer"].get("enumerate") == "parallel"
+            and name not in guide_sites
+        )
+    )
+
+
+def plate_nesting(*traces: Trace) -> int:
+    """How many batch dimensions the plates of ``traces`` take (NumPyro's
+    ``max_plate_nesting``): enumeration allocates its dimensions left of them.
+    """
+    dims = [
+        -frame.dim
+        for tr in traces
+        for site in tr.values()
+        for frame in site.get("cond_indep_stack", ())
+        if frame.dim is not None
+    ]
+    return max(dims, default=0)
 
 
 def _local_plates(
@@ -246,8 +283,18 @@ def plate_structure(
     outside = tuple(
         sorted({s["name"] for s, st in zip(sites, stacks) if set(all_plates) - set(st)})
     )
+    # Enumerated sites are summed out, not drawn: like data, they hold no latent draw.
+    enumerated = enumerated_sites(model_trace, guide_trace)
     latent_plates = tuple(
-        sorted({p for s, st in zip(sites, stacks) if not s["is_observed"] for p in st} - common)
+        sorted(
+            {
+                p
+                for s, st in zip(sites, stacks)
+                if not s["is_observed"] and s["name"] not in enumerated
+                for p in st
+            }
+            - common
+        )
     )
 
     local: list[str] = []
@@ -297,6 +344,8 @@ def plate_structure(
             for n, site in sorted(guide_sites.items())
             if is_latent(site) and _scaled(site, full_size)
         ),
+        enumerated=enumerated,
+        enum_nesting=plate_nesting(model_trace, guide_trace),
     )
 
 

@@ -92,12 +92,16 @@ class Program:
             guide = substitute(seed(guide, key), data=dict(params))
             return trace(guide).get_trace(*self.args, **self.kwargs)
 
-    def trace_model(self, params: Mapping[str, Any], key: jax.Array, data: Mapping) -> Trace:
-        """Trace the model with ``params`` and then ``data`` (latent values, subsample
-        indices and mutable state from a guide trace) substituted; a guide value wins
-        a name clash with a parameter.
+    def bind_model(self, params: Mapping[str, Any], key: jax.Array, data: Mapping) -> Callable:
+        """The model with ``params`` and then ``data`` (latent values, subsample
+        indices and mutable state from a guide trace) substituted, seeded with
+        ``key``; a guide value wins a name clash with a parameter.
         """
-        model = substitute(seed(self.model, key), data={**params, **data})
+        return substitute(seed(self.model, key), data={**params, **data})
+
+    def trace_model(self, params: Mapping[str, Any], key: jax.Array, data: Mapping) -> Trace:
+        """Trace the model bound as :meth:`bind_model` binds it."""
+        model = self.bind_model(params, key, data)
         return trace(model).get_trace(*self.args, **self.kwargs)
 
     def prepare_guide(self, params: Mapping[str, Any], key: jax.Array) -> None:
@@ -180,17 +184,23 @@ def check_sites(model_trace: Trace, guide_trace: Trace) -> None:
     guide_latents = {n for n, s in guide_sites.items() if is_latent(s)}
     model_latents = {n for n, s in model_sites.items() if not s["is_observed"]}
 
-    missing = sorted(model_latents - guide_latents)
-    enumerated = [n for n in missing if model_sites[n]["infer"].get("enumerate") == "parallel"]
-    if enumerated:
+    guide_enumerated = sorted(
+        n for n, s in guide_sites.items() if s["infer"].get("enumerate") == "parallel"
+    )
+    if guide_enumerated:
         raise ValueError(
-            f"Model site(s) {enumerated} are marked for enumeration "
-            "(infer={'enumerate': 'parallel'}) and not sampled by the guide. Summing "
-            "enumerated sites out inside the importance weight is not supported yet, and "
-            "AutoGuides do not draw discrete sites. Draw them in a guide of your own (a "
-            "Categorical or Bernoulli site per element gets the VIMCO gradient), or sum "
-            "them out in the model by hand (e.g. a MixtureSameFamily likelihood)."
+            f"Guide site(s) {guide_enumerated} are marked for enumeration. An importance "
+            "weight needs a draw of every guide site, so the guide cannot sum them out: "
+            "drop the mark in the guide (a discrete guide site then gets the VIMCO "
+            "gradient), or leave the site out of the guide and mark it in the model, "
+            "where it is summed out inside each particle's weight."
         )
+    # Model sites marked for parallel enumeration are summed out, not drawn.
+    missing = sorted(
+        n
+        for n in model_latents - guide_latents
+        if model_sites[n]["infer"].get("enumerate") != "parallel"
+    )
     if missing:
         raise ValueError(
             f"Model latent site(s) {missing} are not sampled by the guide. IWELBO "

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from numpyro_iwae.core.enumeration import enumerated_log_p
 from numpyro_iwae.core.plates import (
     PlateStructure,
     Trace,
@@ -176,16 +177,24 @@ def model_stage(
     """
     values, plates, mutable = draw
     data = {**mutable, **plates, **values}
-    tr = program.trace_model(params, key, data)
+    summed = None
+    if structure.enumerated:  # the enumerated sites summed out, per group
+        model = program.bind_model(params, key, data)
+        summed, tr = enumerated_log_p(model, program.args, program.kwargs, structure)
+    else:
+        tr = program.trace_model(params, key, data)
     log_p = list(structure.zeros())
     nan_data = {}
     for name, site in sample_sites(tr).items():
+        if summed is not None and not site["is_observed"]:
+            continue
         log_prob = site_log_prob(site, structure)
-        group = structure.group_of(name)
-        log_p[group] = log_p[group] + to_plates(log_prob, site, structure, jnp.sum)
+        if summed is None:
+            group = structure.group_of(name)
+            log_p[group] = log_p[group] + to_plates(log_prob, site, structure, jnp.sum)
         if site["is_observed"]:
             nan_data[name] = _nan_data(site, log_prob, structure)
-    return tuple(log_p), ModelOutput({**mutable, **mutable_values(tr)}, nan_data)
+    return summed or tuple(log_p), ModelOutput({**mutable, **mutable_values(tr)}, nan_data)
 
 
 def any_nan_data(output: ModelOutput, structure: PlateStructure) -> tuple[jax.Array | None, ...]:

@@ -1,0 +1,143 @@
+r"""Discrete model sites summed out inside each particle's weight.
+
+A model site marked for parallel enumeration (``infer={"enumerate": "parallel"}``, e.g.
+by ``config_enumerate``) that the guide does not draw is summed out exactly: for the
+guide's draw :math:`z_k`,
+
+.. math::
+
+    \log w_{k,n} = \log \sum_{y} p(x, z_k, y)_n - \log q(z_k \mid x)_n ,
+
+per element :math:`n` of the plates the weight is formed over, the sum running over
+every value of the enumerated sites :math:`y` in that element. The model runs under
+NumPyro's ``enum`` handler (:mod:`numpyro.contrib.funsor`), which gives each enumerated
+site a tensor dimension of its own; each site's log density becomes a factor with named
+dimensions, and funsor's plated sum-product eliminates the enumerated sites and every plate
+except those the weight is formed over (tensor variable elimination, Obermeyer et al.,
+2019), as ``TraceEnum_ELBO`` contracts the model's side of its bound.
+
+funsor is an optional dependency (``pip install numpyro_iwae[enum]``), imported only
+when a model has enumerated sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from numpyro.handlers import infer_config
+
+from numpyro_iwae.core.plates import PlateStructure, Trace, sample_sites, site_log_prob
+
+__all__ = ["require_funsor", "enumerated_log_p"]
+
+
+def require_funsor() -> None:
+    """Raise an ImportError that says what to install when funsor is missing."""
+    try:
+        import funsor  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "Summing out enumerated sites needs funsor, as NumPyro's TraceEnum_ELBO does: "
+            "pip install funsor (or numpyro_iwae[enum])."
+        ) from err
+
+
+def enumerated_log_p(
+    model: Any,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    structure: PlateStructure,
+) -> tuple[tuple[jax.Array, ...], Trace]:
+    """``log p`` per group with the enumerated sites summed out, and the trace.
+
+    ``model`` is the model with parameters, guide values and key already applied; it is
+    traced under NumPyro's ``enum`` handler with ``structure.enum_nesting`` plate
+    dimensions. Every factor must lie in the group of the enumerated sites it depends on:
+    an enumerated site shared by the elements of a plate that the weight is formed
+    per element of cannot be summed out per element.
+    """
+    import funsor
+    from numpyro.contrib.funsor import enum, plate_to_enum_plate, to_funsor
+    from numpyro.contrib.funsor import trace as named_trace
+
+    funsor.set_backend("jax")
+    enumerated = frozenset(structure.enumerated)
+    # Only the sites summed out are enumerated (a marked site the guide draws is not).
+    model = infer_config(
+        model, config_fn=lambda site: {} if site["name"] in enumerated else {"enumerate": None}
+    )
+    first_dim = -structure.enum_nesting - 1
+    with plate_to_enum_plate(), enum(first_available_dim=first_dim):
+        tr = named_trace(model).get_trace(*args, **kwargs)
+
+    sites = sample_sites(tr)
+    plates = frozenset(
+        frame.name
+        for site in sites.values()
+        for frame in site["cond_indep_stack"]
+        if frame.dim is not None
+    )
+    factors: list[list[Any]] = [[] for _ in range(structure.num_groups)]
+    for name, site in sites.items():
+        log_prob = site_log_prob(site, structure)
+        dim_to_name = site["infer"]["dim_to_name"]
+        if any(n.startswith(("_time", "_PREV_")) for n in dim_to_name.values()):
+            raise NotImplementedError(
+                f"Site '{name}' is enumerated inside numpyro.contrib.control_flow.scan, "
+                "whose time dimension is not contracted here yet. Write the chain as a "
+                "Python loop under numpyro.contrib.funsor.markov (NumPyro's HMM example "
+                "does both), which is summed out exactly."
+            )
+        if not dim_to_name:  # no plate and no enumerated site: a number
+            log_prob = jnp.sum(log_prob)
+        factors[structure.group_of(name)].append(
+            to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name)
+        )
+
+    mentions: dict[str, set[int]] = {}
+    for group, group_factors in enumerate(factors):
+        for factor in group_factors:
+            for var in frozenset(factor.inputs) & enumerated:
+                mentions.setdefault(var, set()).add(group)
+    shared = sorted(var for var, groups in mentions.items() if len(groups) > 1)
+    if shared:
+        raise ValueError(_shared_message(shared))
+
+    log_p = []
+    for group, group_factors in enumerate(factors):
+        kept = structure.group_plates(group)
+        shape = structure.group_shape(group)
+        if not group_factors:
+            log_p.append(jnp.zeros(shape))
+            continue
+        try:
+            with funsor.interpretations.lazy:
+                lazy = funsor.sum_product.sum_product(
+                    funsor.ops.logaddexp,
+                    funsor.ops.add,
+                    group_factors,
+                    eliminate=(enumerated | plates) - frozenset(kept),
+                    plates=plates,
+                )
+            result = funsor.optimizer.apply_optimizer(lazy)
+        except ValueError as err:
+            if "preserved var" in str(err):
+                raise ValueError(_shared_message(sorted(enumerated))) from err
+            raise
+        present = tuple(name for name in kept if name in result.inputs)
+        data = result.align(present).data if present else result.data
+        # Kept plates the factors do not reach broadcast (their elements add nothing).
+        full = [size if name in present else 1 for name, size in zip(kept, shape)]
+        log_p.append(jnp.broadcast_to(jnp.reshape(data, full), shape))
+    return tuple(log_p), tr
+
+
+def _shared_message(names: list[str]) -> str:
+    return (
+        f"Enumerated site(s) {names} are shared by the elements of a plate the "
+        "importance weight is formed per element of (local weighting): summed out, they "
+        "couple those elements. Use weighting='joint', or move the site(s) inside the plate."
+    )
