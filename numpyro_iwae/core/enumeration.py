@@ -14,7 +14,9 @@ NumPyro's ``enum`` handler (:mod:`numpyro.contrib.funsor`), which gives each enu
 site a tensor dimension of its own; each site's log density becomes a factor with named
 dimensions, and funsor's plated sum-product eliminates the enumerated sites and every plate
 except those the weight is formed over (tensor variable elimination, Obermeyer et al.,
-2019), as ``TraceEnum_ELBO`` contracts the model's side of its bound.
+2019), as ``TraceEnum_ELBO`` contracts the model's side of its bound. A ``scan``'s time
+dimension is summed out as a chain: each step contracted onto the state, then the steps
+multiplied in sequence.
 
 funsor is an optional dependency (``pip install numpyro_iwae[enum]``), imported only
 when a model has enumerated sites.
@@ -80,28 +82,31 @@ def enumerated_log_p(
         for frame in site["cond_indep_stack"]
         if frame.dim is not None
     )
+    names = frozenset(n for site in sites.values() for n in site["infer"]["dim_to_name"].values())
+    times = frozenset(n for n in names if n.startswith(_TIME))
+    summed = names - plates - times  # every other named dimension is an enumerated site
     factors: list[list[Any]] = [[] for _ in range(structure.num_groups)]
+    steps: dict[tuple[int, str], list[Any]] = {}  # (group, time): the factors of each step
     for name, site in sites.items():
         log_prob = site_log_prob(site, structure)
         dim_to_name = site["infer"]["dim_to_name"]
-        if any(n.startswith(("_time", "_PREV_")) for n in dim_to_name.values()):
-            raise NotImplementedError(
-                f"Site '{name}' is enumerated inside numpyro.contrib.control_flow.scan, "
-                "whose time dimension is not contracted here yet. Write the chain as a "
-                "Python loop under numpyro.contrib.funsor.markov (NumPyro's HMM example "
-                "does both), which is summed out exactly."
-            )
         if not dim_to_name:  # no plate and no enumerated site: a number
             log_prob = jnp.sum(log_prob)
-        factors[structure.group_of(name)].append(
-            to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name)
-        )
+        factor = to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name)
+        group = structure.group_of(_unshifted(name))
+        time = [n for n in dim_to_name.values() if n in times]
+        if time:
+            steps.setdefault((group, time[0]), []).append(factor)
+        else:
+            factors[group].append(factor)
+    for (group, time), step_factors in steps.items():
+        factors[group].append(_chain(step_factors, time, summed, plates, sites))
 
     mentions: dict[str, set[int]] = {}
     for group, group_factors in enumerate(factors):
         for factor in group_factors:
-            for var in frozenset(factor.inputs) & enumerated:
-                mentions.setdefault(var, set()).add(group)
+            for var in frozenset(factor.inputs) & summed:
+                mentions.setdefault(_unshifted(var), set()).add(group)
     shared = sorted(var for var, groups in mentions.items() if len(groups) > 1)
     if shared:
         raise ValueError(_shared_message(shared))
@@ -119,7 +124,7 @@ def enumerated_log_p(
                     funsor.ops.logaddexp,
                     funsor.ops.add,
                     group_factors,
-                    eliminate=(enumerated | plates) - frozenset(kept),
+                    eliminate=(summed | plates) - frozenset(kept),
                     plates=plates,
                 )
             result = funsor.optimizer.apply_optimizer(lazy)
@@ -133,6 +138,61 @@ def enumerated_log_p(
         full = [size if name in present else 1 for name, size in zip(kept, shape)]
         log_p.append(jnp.broadcast_to(jnp.reshape(data, full), shape))
     return tuple(log_p), tr
+
+
+_TIME, _PREV = "_time", "_PREV_"
+
+
+def _unshifted(name: str) -> str:
+    """The site a name refers to: ``_PREV_x`` (x one step back, in a ``scan``) is ``x``."""
+    while name.startswith(_PREV):
+        name = name[len(_PREV) :]
+    return name
+
+
+def _chain(
+    step_factors: list[Any], time: str, summed: frozenset, plates: frozenset, sites: dict
+) -> Any:
+    """The factors of a ``scan``'s steps with its time dimension summed out: each step's
+    factors contracted onto the chain's state (``_PREV_x``, ``x``) and the plates the
+    chain lives in, then the steps multiplied in sequence (funsor's
+    ``sequential_sum_product``), leaving a factor of the first and last states.
+    """
+    import funsor
+
+    inputs = frozenset(v for f in step_factors for v in f.inputs)
+    prevs = frozenset(v for v in inputs if v.startswith(_PREV))
+    if any(v.startswith(_PREV + _PREV) for v in prevs):
+        raise NotImplementedError(
+            "A scan with history > 1 (a state depending on more than the previous step) "
+            "is not summed out here yet; a Python loop under markov(history=...) is."
+        )
+    states = prevs | {_unshifted(v) for v in prevs}
+    chain_plates = frozenset(
+        frame.name
+        for v in states
+        if v in sites
+        for frame in sites[v]["cond_indep_stack"]
+        if frame.dim is not None
+    )
+    keep = states | chain_plates | {time}
+    with funsor.interpretations.lazy:
+        lazy = funsor.sum_product.sum_product(
+            funsor.ops.logaddexp,
+            funsor.ops.add,
+            step_factors,
+            eliminate=(summed | plates) - keep,
+            plates=plates,
+        )
+    trans = funsor.optimizer.apply_optimizer(lazy)
+    step = funsor.Variable(time, trans.inputs[time])
+    return funsor.sum_product.sequential_sum_product(
+        funsor.ops.logaddexp,
+        funsor.ops.add,
+        trans,
+        step,
+        {v: _unshifted(v) for v in prevs},
+    )
 
 
 def _shared_message(names: list[str]) -> str:
