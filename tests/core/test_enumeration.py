@@ -1,6 +1,8 @@
 """Enumerated model sites summed out inside each particle's weight, against exact sums."""
 
 # ruff: noqa: E402 (funsor is optional: skip before importing what needs it)
+import functools
+
 import pytest
 
 pytest.importorskip("funsor")
@@ -94,6 +96,7 @@ def quadrature_log_evidence(y, half_width=12.0, n=601):
     return float(logsumexp(log_lik + log_prior) + 2 * np.log(step))
 
 
+@functools.lru_cache
 def posterior_of_the_means(n=301, half_width=12.0):
     """Mean and s.d. of each component mean under the posterior, by quadrature."""
     grid = np.linspace(-half_width, half_width, n)
@@ -132,6 +135,7 @@ def test_evidence_matches_quadrature_within_standard_errors():
     )
 
 
+@pytest.mark.slow
 def test_one_particle_is_trace_enum_elbo_and_more_particles_rise(stats):
     guide, params = guide_near_posterior()
     params = {**params, "locs_auto_scale": params["locs_auto_scale"] * 2.0}
@@ -148,6 +152,7 @@ def test_one_particle_is_trace_enum_elbo_and_more_particles_rise(stats):
         assert hi - lo > 3 * np.hypot(lo_se, hi_se)
 
 
+@pytest.mark.slow
 def test_one_particle_gradient_is_trace_enum_elbo_in_expectation():
     guide, params = guide_near_posterior()
     keys = jax.random.split(jax.random.key(5), 300)
@@ -162,6 +167,7 @@ def test_one_particle_gradient_is_trace_enum_elbo_in_expectation():
     assert np.all(np.abs(ours.mean(0) - theirs.mean(0)) <= 4 * se), (ours.mean(0), theirs.mean(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "objective",
     [
@@ -224,6 +230,7 @@ def test_per_datapoint_evidence_with_a_drawn_latent_beside_the_summed_one():
     assert np.all(np.abs(np.asarray(est.pointwise) - exact) <= 3 * np.asarray(est.pointwise_stderr))
 
 
+@pytest.mark.slow
 def test_local_weighting_trains_with_a_summed_site_per_element():
     @config_enumerate
     def model(y):
@@ -329,6 +336,7 @@ def test_scan_hmm_is_the_forward_algorithm_per_sequence():
     np.testing.assert_allclose(bound, sum(exact), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_hmm_trains_and_matches_the_loop():
     def guide(ys, emit_scale=None):
         loc = numpyro.param("loc", -0.5)
@@ -348,6 +356,7 @@ def test_scan_hmm_trains_and_matches_the_loop():
     assert abs(float(result.params["loc"]) + 0.76) < 0.25, result.params["loc"]
 
 
+@pytest.mark.slow
 def test_autocontinuous_guide_with_enumeration():
     # NumPyro's TraceEnum_ELBO fails on this pair (pyro-ppl/numpyro#2013).
     guide = AutoDiagonalNormal(numpyro.handlers.block(mixture, hide=["z"]))
