@@ -397,3 +397,86 @@ def test_enumerated_site_shared_by_plate_elements_is_refused_under_local_weighti
     # weight is the likelihood averaged over c.
     bound = IWELBO(num_particles=1).loss(jax.random.key(0), {}, shared, guide, y)
     assert np.isfinite(float(bound))
+
+
+# The shape of NumPyro's HMM example (examples/hmm_enum.py, its first model): global
+# transition and emission probabilities, sequences of different lengths in a plate at
+# dim -2, masked steps past each length, binary "tones" in a plate at dim -1, scan over time.
+NUM_TONES = 3
+LENGTHS = np.array([6, 4, 5])
+TONES = (np.random.default_rng(2).random((3, 6, NUM_TONES)) < 0.4).astype(np.float32)
+
+
+@config_enumerate
+def hmm_example_shape(sequences, lengths):
+    num_sequences, max_length, data_dim = sequences.shape
+    probs_x = numpyro.sample("probs_x", dist.Dirichlet(0.9 * jnp.eye(2) + 0.1).to_event(1))
+    probs_y = numpyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([2, data_dim]).to_event(2))
+
+    def transition(carry, y):
+        x_prev, t = carry
+        with numpyro.plate("sequences", num_sequences, dim=-2):
+            with numpyro.handlers.mask(mask=(t < lengths)[..., None]):
+                x = numpyro.sample("x", dist.Categorical(probs_x[x_prev]))
+                with numpyro.plate("tones", data_dim, dim=-1):
+                    numpyro.sample("y", dist.Bernoulli(probs_y[x.squeeze(-1)]), obs=y)
+        return (x, t + 1), None
+
+    x_init = jnp.zeros((num_sequences, 1), dtype=jnp.int32)
+    scan(transition, (x_init, 0), jnp.swapaxes(sequences, 0, 1))
+
+
+def masked_forward(probs_x, probs_y, tones, length):
+    """log p(one sequence) by the forward algorithm, its first ``length`` steps."""
+
+    def emit(t):
+        p = probs_y  # (states, tones)
+        return np.sum(tones[t] * np.log(p) + (1 - tones[t]) * np.log1p(-p), -1)
+
+    alpha = np.log(probs_x[0]) + emit(0)
+    for t in range(1, length):
+        alpha = logsumexp(alpha[:, None] + np.log(probs_x), 0) + emit(t)
+    return float(logsumexp(alpha))
+
+
+def test_numpyro_hmm_example_shape_is_the_forward_algorithm_given_its_globals():
+    probs_x = np.array([[0.7, 0.3], [0.2, 0.8]])
+    probs_y = np.array([[0.2, 0.6, 0.4], [0.7, 0.1, 0.5]])
+    fixed = numpyro.handlers.condition(
+        hmm_example_shape, data={"probs_x": jnp.asarray(probs_x), "probs_y": jnp.asarray(probs_y)}
+    )
+
+    def no_guide(sequences, lengths):
+        pass
+
+    exact = sum(masked_forward(probs_x, probs_y, TONES[i], LENGTHS[i]) for i in range(3))
+    prior = float(
+        dist.Dirichlet(0.9 * jnp.eye(2) + 0.1).log_prob(probs_x).sum()
+        + dist.Beta(0.1, 0.9).log_prob(probs_y).sum()
+    )
+    bound = -IWELBO(num_particles=2).loss(
+        jax.random.key(0), {}, fixed, no_guide, jnp.asarray(TONES), jnp.asarray(LENGTHS)
+    )
+    # A masked step's state still ranges over its two values with factor 1: as in
+    # NumPyro's own contraction, each masked step adds log 2 to the model's density.
+    masked = int(np.sum(TONES.shape[1] - LENGTHS))
+    np.testing.assert_allclose(bound, exact + prior + masked * np.log(2), rtol=1e-5)
+    model = numpyro.contrib.funsor.enum(fixed, first_available_dim=-3)
+    theirs, _ = numpyro.contrib.funsor.log_density(
+        model, (jnp.asarray(TONES), jnp.asarray(LENGTHS)), {}, {}
+    )
+    np.testing.assert_allclose(bound, theirs, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_numpyro_hmm_example_shape_trains_and_is_scored():
+    hidden = numpyro.handlers.block(hmm_example_shape, hide=["x"])
+    guide = AutoNormal(hidden)
+    args = (jnp.asarray(TONES), jnp.asarray(LENGTHS))
+    svi = SVI(hmm_example_shape, guide, numpyro.optim.Adam(0.05), IWELBO(num_particles=8))
+    result = svi.run(jax.random.key(0), 300, *args, progress_bar=False)
+    assert np.mean(result.losses[-50:]) < np.mean(result.losses[:50])
+    est = MarginalLikelihood(hmm_example_shape, guide, params=result.params, num_particles=2000)(
+        jax.random.key(1), *args
+    )
+    assert np.isfinite(float(est.log_marginal)) and np.isfinite(float(est.stderr))
