@@ -114,30 +114,42 @@ def enumerated_log_p(
     log_p = []
     for group, group_factors in enumerate(factors):
         kept = structure.group_plates(group)
-        shape = structure.group_shape(group)
-        if not group_factors:
-            log_p.append(jnp.zeros(shape))
-            continue
         try:
-            with funsor.interpretations.lazy:
-                lazy = funsor.sum_product.sum_product(
-                    funsor.ops.logaddexp,
-                    funsor.ops.add,
-                    group_factors,
-                    eliminate=(summed | plates) - frozenset(kept),
-                    plates=plates,
-                )
-            result = funsor.optimizer.apply_optimizer(lazy)
+            result = _contract(group_factors, (summed | plates) - frozenset(kept), plates)
         except ValueError as err:
             if "preserved var" in str(err):
                 raise ValueError(_shared_message(sorted(enumerated))) from err
             raise
-        present = tuple(name for name in kept if name in result.inputs)
-        data = result.align(present).data if present else result.data
-        # Kept plates the factors do not reach broadcast (their elements add nothing).
-        full = [size if name in present else 1 for name, size in zip(kept, shape)]
-        log_p.append(jnp.broadcast_to(jnp.reshape(data, full), shape))
+        log_p.append(_on_plates(result, kept, structure.group_shape(group)))
     return tuple(log_p), tr
+
+
+def _contract(factors: list[Any], eliminate: frozenset, plates: frozenset) -> Any:
+    """Sum out ``eliminate`` from the product of ``factors`` in the log semiring, the
+    plates among them multiplied out (funsor's plated sum-product); ``None`` for no
+    factors.
+    """
+    import funsor
+
+    if not factors:
+        return None
+    with funsor.interpretations.lazy:
+        lazy = funsor.sum_product.sum_product(
+            funsor.ops.logaddexp, funsor.ops.add, factors, eliminate=eliminate, plates=plates
+        )
+    return funsor.optimizer.apply_optimizer(lazy)
+
+
+def _on_plates(result: Any, kept: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
+    """A contracted factor as an array of ``shape`` over the ``kept`` plates (zeros for
+    no factor; a kept plate the factors do not reach broadcasts).
+    """
+    if result is None:
+        return jnp.zeros(shape)
+    present = tuple(name for name in kept if name in result.inputs)
+    data = result.align(present).data if present else result.data
+    full = [size if name in present else 1 for name, size in zip(kept, shape)]
+    return jnp.broadcast_to(jnp.reshape(data, full), shape)
 
 
 _TIME, _PREV = "_time", "_PREV_"
@@ -176,15 +188,7 @@ def _chain(
         if frame.dim is not None
     )
     keep = states | chain_plates | {time}
-    with funsor.interpretations.lazy:
-        lazy = funsor.sum_product.sum_product(
-            funsor.ops.logaddexp,
-            funsor.ops.add,
-            step_factors,
-            eliminate=(summed | plates) - keep,
-            plates=plates,
-        )
-    trans = funsor.optimizer.apply_optimizer(lazy)
+    trans = _contract(step_factors, (summed | plates) - keep, plates)
     step = funsor.Variable(time, trans.inputs[time])
     return funsor.sum_product.sequential_sum_product(
         funsor.ops.logaddexp,
