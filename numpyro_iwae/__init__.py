@@ -9,6 +9,8 @@ Public names:
   standard error, the effective sample size and the PSIS k-hat (:class:`LogMarginalEstimate`).
 - :class:`SUMOMarginal`: an estimate of ``log p(x)`` whose expectation is ``log p(x)``
   (SUMO), with a standard error from replicates (:class:`SUMOEstimate`).
+- :func:`compare_evidence`: Bayes factors and posterior model probabilities with standard
+  errors from several evidence estimates (:class:`EvidenceComparison`).
 - :func:`shard_particles`: split the particles over the devices of a mesh.
 - :class:`JointWeightsWarning`: the weights are joint over a large plate that holds latents.
 - :class:`UnweightedBoundWarning`: nothing is importance weighted; the objective is the ELBO.
@@ -16,10 +18,12 @@ Public names:
 
 from numpyro_iwae.core.plan import JointWeightsWarning, UnweightedBoundWarning
 from numpyro_iwae.evaluators import (
+    EvidenceComparison,
     LogMarginalEstimate,
     MarginalLikelihood,
     SUMOEstimate,
     SUMOMarginal,
+    compare_evidence,
 )
 from numpyro_iwae.objectives import (
     CIWAE,
@@ -34,6 +38,7 @@ from numpyro_iwae.sharding import ShardedParticles, shard_particles
 
 __all__ = [
     "CIWAE",
+    "EvidenceComparison",
     "IWELBO",
     "JointWeightsWarning",
     "LogMarginalEstimate",
@@ -47,6 +52,7 @@ __all__ = [
     "SUMOEstimate",
     "SUMOMarginal",
     "UnweightedBoundWarning",
+    "compare_evidence",
     "shard_particles",
 ]
 __version__ = "0.1.0"

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+import hashlib
 from typing import Any, NamedTuple
 
 import jax
 from jax import random
 import jax.numpy as jnp
+import numpy as np
 from numpyro import handlers
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
@@ -32,6 +34,7 @@ __all__ = [
     "mutable_values",
     "draw_data",
     "trace_pair",
+    "observed_digest",
     "MutableRecorder",
 ]
 
@@ -311,3 +314,27 @@ class MutableRecorder(Messenger):
         """Note a ``mutable`` site that has no value yet."""
         if msg["type"] == "mutable" and msg["value"] is None:
             self.empty.append(msg["name"])
+
+
+def observed_digest(program: Program, params: Mapping[str, Any], rng_key: jax.Array) -> str | None:
+    """A digest of the observed values the model sees in one concrete run.
+
+    What an estimate was computed on, so that estimates on different data are not
+    compared (:func:`~numpyro_iwae.evaluators.comparison.compare_evidence`). The
+    digest depends on the values only (as float64, with their shapes), not on the
+    sites' names or order, so two models that name their data differently still
+    match; sites holding no values (``numpyro.factor``) do not count. ``None`` under a
+    JAX transformation (``jit``, ``vmap``), where the data are not concrete.
+    """
+    leaves = jax.tree.leaves((program.args, dict(program.kwargs), rng_key))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return None
+    model_trace, _ = trace_pair(program, params, random.split(rng_key))
+    parts = []
+    for site in sample_sites(model_trace).values():
+        if site["is_observed"] and np.size(site["value"]) > 0:
+            if isinstance(site["value"], jax.core.Tracer):
+                return None
+            value = np.asarray(site["value"], dtype=np.float64)
+            parts.append(hashlib.sha256(repr(value.shape).encode() + value.tobytes()).digest())
+    return hashlib.sha256(b"".join(sorted(parts))).hexdigest()[:16]

@@ -5,8 +5,16 @@ family of result types (:mod:`~numpyro_iwae.evaluators.results`); each public na
 re-exported here and from :mod:`numpyro_iwae`.
 """
 
+from numpyro_iwae.evaluators.comparison import EvidenceComparison, compare_evidence
 from numpyro_iwae.evaluators.marginal import MarginalLikelihood
 from numpyro_iwae.evaluators.results import LogMarginalEstimate, SUMOEstimate
 from numpyro_iwae.evaluators.sumo import SUMOMarginal
 
-__all__ = ["LogMarginalEstimate", "MarginalLikelihood", "SUMOEstimate", "SUMOMarginal"]
+__all__ = [
+    "EvidenceComparison",
+    "LogMarginalEstimate",
+    "MarginalLikelihood",
+    "SUMOEstimate",
+    "SUMOMarginal",
+    "compare_evidence",
+]

@@ -22,7 +22,7 @@ from numpyro_iwae._jax import (
 )
 from numpyro_iwae.core.plan import plan
 from numpyro_iwae.core.plates import PlateStructure
-from numpyro_iwae.core.program import Program, point_mass_sites
+from numpyro_iwae.core.program import Program, observed_digest, point_mass_sites
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -188,7 +188,8 @@ class Evaluator:
                 ) from err
             static = concrete
         raise_on_nan_data(nan_data, self._plate_names.get(static, {}))
-        return estimate
+        program = Program(self.model, self.guide, args, kwargs)
+        return estimate._replace(data_digest=observed_digest(program, values, rng_key))
 
     def _auto_chunk(self, chunk_log_w: Callable, keys: jax.Array, num_particles: int) -> int:
         """The largest chunk whose particles fit in ``memory_budget`` (on CPU also in

@@ -40,6 +40,9 @@ class LogMarginalEstimate(NamedTuple):
             draws; else ``None``. ``ess``, ``k_hat`` and ``log_weights`` then
             describe the outer weights, one per global draw.
         local_k_hat: like ``local_ess``, the inner weights' PSIS :math:`\hat k`.
+        data_digest: a digest of the observed values the estimate was computed on
+            (:func:`~numpyro_iwae.core.program.observed_digest`), so that
+            :func:`~numpyro_iwae.compare_evidence` refuses estimates on different data.
 
     """
 
@@ -53,6 +56,7 @@ class LogMarginalEstimate(NamedTuple):
     samples: dict[str, jax.Array] | None = None
     local_ess: dict[str, jax.Array] | None = None
     local_k_hat: dict[str, jax.Array] | None = None
+    data_digest: str | None = None
 
     def to_inference_data(self) -> Any:
         """The resampled posterior as ArviZ data: :class:`arviz.InferenceData` on
@@ -108,6 +112,7 @@ class SUMOEstimate(NamedTuple):
         replicates: the ``(R, *plate_shape)`` estimates themselves.
         mean_particles: particles drawn (model evaluations per element) per
             replicate, on average: the cost.
+        data_digest: as :attr:`LogMarginalEstimate.data_digest`.
 
     """
 
@@ -117,6 +122,7 @@ class SUMOEstimate(NamedTuple):
     pointwise_stderr: jax.Array
     replicates: jax.Array
     mean_particles: jax.Array
+    data_digest: str | None = None
 
     def to_inference_data(self) -> Any:
         """The replicates as ArviZ data (:class:`arviz.InferenceData` on ArviZ 0.x, an
