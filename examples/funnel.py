@@ -116,9 +116,9 @@ def nuts_reference(num_samples: int, key):
     return az.from_numpyro(mcmc)
 
 
-def v_quantiles(idata) -> list[float]:
-    """Quantiles of v from an InferenceData posterior (over chains and draws)."""
-    q = idata.posterior["v"].quantile(list(QUANTILES), dim=("chain", "draw"))
+def v_quantiles(idata, group: str = "posterior") -> list[float]:
+    """Quantiles of v from an ArviZ group of draws (over chains and draws)."""
+    q = idata[group]["v"].quantile(list(QUANTILES), dim=("chain", "draw"))
     return [float(x) for x in q.values]
 
 
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             ess=float(est.ess),
             k_hat=float(est.k_hat),
             bounds=bounds_from_log_weights(np.asarray(est.log_weights, np.float64), args.bound_ks),
-            v_quantiles=v_quantiles(est.to_inference_data()),
+            v_quantiles=v_quantiles(est.to_inference_data(), "resampled_posterior"),
         )
         guide_draws = guide.sample_posterior(k_eval, result.params, sample_shape=(2000,))
         draws[name] = {

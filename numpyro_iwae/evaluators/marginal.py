@@ -21,12 +21,13 @@ from numpyro_iwae._jax import Static, check_positive_int
 from numpyro_iwae.core.draw import split_keys
 from numpyro_iwae.core.plan import choose_weighting, plan
 from numpyro_iwae.core.plates import WEIGHTINGS
+from numpyro_iwae.core.pointwise import draws_with_log_likelihood
 from numpyro_iwae.core.program import Program
 from numpyro_iwae.evaluators.annealed import AnnealedImportanceSampling, check_hmc_options
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.importance import ImportanceSampling
 from numpyro_iwae.evaluators.nested import NestedImportanceSampling
-from numpyro_iwae.evaluators.results import LogMarginalEstimate
+from numpyro_iwae.evaluators.results import ImportanceDraws, LogMarginalEstimate
 
 __all__ = ["MarginalLikelihood", "DEFAULT_GLOBAL_PARTICLES"]
 
@@ -134,6 +135,13 @@ class MarginalLikelihood(Evaluator):
         weights stay unbiased.
     :param pilot_particles: particles of the pilot run (default 16; its weights
         are discarded).
+    :param num_draws: S further draws from the guide, independent of the K particles and
+        not resampled, kept with :math:`\log p(x, z_s)`, :math:`\log q(z_s)` and each
+        observed site's per-observation log-likelihood
+        (:class:`~numpyro_iwae.evaluators.results.ImportanceDraws`, in ``draws``): what
+        :meth:`~numpyro_iwae.LogMarginalEstimate.to_inference_data` exports for ArviZ's
+        LOO. ``None`` (default): none. Joint weighting with one weight per particle
+        (global latents only), importance sampling, no summed-out sites.
 
     :raises ValueError: when called, if a param site has no value, a plate is
         subsampled, the guide is a point mass, or the observed data holds NaN
@@ -176,6 +184,7 @@ class MarginalLikelihood(Evaluator):
         leapfrog_steps: int = 5,
         step_size: float = 0.1,
         pilot_particles: int = 16,
+        num_draws: int | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -191,6 +200,7 @@ class MarginalLikelihood(Evaluator):
         self.chunk_size = chunk_size
         self.return_log_weights = bool(return_log_weights)
         self.num_samples = _optional_count(num_samples, "num_samples")
+        self.num_draws = _optional_count(num_draws, "num_draws")
         if weighting is None:
             weighting = "joint" if num_global_particles is None else "local"
         if weighting not in WEIGHTINGS:
@@ -230,6 +240,13 @@ class MarginalLikelihood(Evaluator):
                         f"{option} is not available with {algorithm.name}; leave it at "
                         "its default or choose another weighting."
                     )
+            if self.num_draws is not None and (
+                self.annealing_steps is not None or algorithm.weighting == "local"
+            ):
+                raise ValueError(
+                    "num_draws keeps draws of the guide with their importance weights: "
+                    "available with importance sampling and weighting='joint' only."
+                )
             if options["annealing_steps"] and algorithm.weighting == "local":
                 raise ValueError(
                     f"annealing_steps is not yet available with {algorithm.name}; use "
@@ -249,7 +266,24 @@ class MarginalLikelihood(Evaluator):
             whatever the chunk size.
         :return: a :class:`~numpyro_iwae.LogMarginalEstimate`.
         """
-        return self._score(rng_key, args, kwargs)
+        estimate = self._score(rng_key, args, kwargs)
+        if self.num_draws is None:
+            return estimate
+        return estimate._replace(draws=self._draws(jax.random.fold_in(rng_key, 1), args, kwargs))
+
+    def _draws(self, rng_key: jax.Array, args: tuple, kwargs: dict) -> ImportanceDraws:
+        """``num_draws`` draws of the guide with their densities and log-likelihoods."""
+        values = {**self.params, **self.mutable_state}
+        plate_key, keys = split_keys(rng_key, self.num_draws)
+        program = Program(self.model, self.guide, args, kwargs).with_seeded_plates(plate_key)
+        structure = plan(program, values, keys[0], "joint", self.num_draws)
+
+        def run(keys: jax.Array) -> ImportanceDraws:
+            return ImportanceDraws(
+                *draws_with_log_likelihood(program, values, keys, self._vectorize, structure)
+            )
+
+        return jax.jit(run)(keys)
 
     def _evaluate_traced(
         self, rng_key: jax.Array, values: dict, dynamic: list, static: Static

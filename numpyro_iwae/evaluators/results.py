@@ -9,7 +9,27 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-__all__ = ["LogMarginalEstimate", "arviz_from_dict", "SUMOEstimate"]
+__all__ = ["ImportanceDraws", "LogMarginalEstimate", "arviz_from_dict", "SUMOEstimate"]
+
+
+class ImportanceDraws(NamedTuple):
+    r"""S draws from the guide, not resampled, with what an ArviZ export and PSIS-LOO
+    for an approximate posterior need (:mod:`numpyro_iwae.core.pointwise`).
+
+    Attributes:
+        values: the draws, ``{site: (S, *site_shape)}``.
+        log_p: :math:`\log p(x, z_s)`, shape ``(S,)``.
+        log_q: :math:`\log q(z_s)`, shape ``(S,)``; ``log_p - log_q`` are the draws'
+            importance log weights.
+        log_likelihood: per observed site, :math:`\log p(x_i \mid z_s)` of each
+            element of its batch shape, ``(S, *batch_shape)``.
+
+    """
+
+    values: dict[str, jax.Array]
+    log_p: jax.Array
+    log_q: jax.Array
+    log_likelihood: dict[str, jax.Array]
 
 
 class LogMarginalEstimate(NamedTuple):
@@ -43,6 +63,9 @@ class LogMarginalEstimate(NamedTuple):
         data_digest: a digest of the observed values the estimate was computed on
             (:func:`~numpyro_iwae.core.program.observed_digest`), so that
             :func:`~numpyro_iwae.compare_evidence` refuses estimates on different data.
+        draws: with ``num_draws=S``, S further draws from the guide, not resampled,
+            with their densities and per-observation log-likelihoods
+            (:class:`ImportanceDraws`); else ``None``.
 
     """
 
@@ -57,36 +80,81 @@ class LogMarginalEstimate(NamedTuple):
     local_ess: dict[str, jax.Array] | None = None
     local_k_hat: dict[str, jax.Array] | None = None
     data_digest: str | None = None
+    draws: ImportanceDraws | None = None
 
     def to_inference_data(self) -> Any:
-        """The resampled posterior as ArviZ data: :class:`arviz.InferenceData` on
-        ArviZ 0.x, an :class:`xarray.DataTree` on ArviZ 1.x (whose ``from_dict`` takes
-        one ``{group: {variable: array}}`` mapping).
+        """The estimate as ArviZ data: :class:`arviz.InferenceData` on ArviZ 0.x, an
+        :class:`xarray.DataTree` on 1.x.
 
-        The ``posterior`` group holds the samples (one chain); its attributes keep
-        the estimate's ``log_marginal``, ``stderr``, and the per-element ``ess``
-        and ``k_hat`` so the diagnostics travel with the draws.
+        With ``num_draws`` (:attr:`draws`): ``posterior`` holds the guide's draws, not
+        resampled (one chain); ``log_likelihood`` each observed site's
+        per-observation log-likelihood; ``sample_stats`` the draws' ``log_p`` and
+        ``log_q`` and the estimate as ``log_marginal_likelihood`` (PyMC's name),
+        repeated per draw. ArviZ 1.x's ``loo_approximate_posterior(idata,
+        log_p=..., log_q=...)`` then gives PSIS-LOO corrected for the guide
+        (docs: "Comparing models"). With ``num_samples``: the importance-resampled
+        draws in a group of their own, ``resampled_posterior``, so that ArviZ's
+        MCMC diagnostics do not read them as a chain. Every group's attributes hold
+        ``log_marginal``, ``stderr``, ``ess`` and ``k_hat``.
 
-        :raises ValueError: if the estimate was made without ``num_samples``.
+        :raises ValueError: if the estimate was made with neither ``num_draws`` nor
+            ``num_samples``.
         """
         import arviz as az
 
-        if self.samples is None:
+        if self.draws is None and self.samples is None:
             raise ValueError(
-                "This estimate has no posterior samples; create MarginalLikelihood with "
-                "num_samples=S (posterior draws by importance resampling)."
+                "This estimate holds no draws; create MarginalLikelihood with num_draws=S "
+                "(the guide's draws with their log-likelihoods, for LOO) or num_samples=S "
+                "(posterior draws by importance resampling)."
             )
-        posterior = {name: np.asarray(v)[None] for name, v in self.samples.items()}
         attrs = {
             "log_marginal": float(self.log_marginal),
             "stderr": float(self.stderr),
             "ess": np.asarray(self.ess).tolist(),
             "k_hat": np.asarray(self.k_hat).tolist(),
-            "inference": "importance resampling (numpyro_iwae.MarginalLikelihood)",
+            "inference": "importance sampling (numpyro_iwae.MarginalLikelihood)",
         }
-        idata = arviz_from_dict(az, {"posterior": posterior})
-        idata.posterior.attrs.update(attrs)
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        if self.draws is not None:
+            d = self.draws
+            num = int(np.shape(d.log_p)[0])
+            groups["posterior"] = _one_chain(d.values)
+            groups["log_likelihood"] = _one_chain(d.log_likelihood)
+            groups["sample_stats"] = _one_chain(
+                {
+                    "log_p": d.log_p,
+                    "log_q": d.log_q,
+                    "log_marginal_likelihood": np.full(num, float(self.log_marginal)),
+                }
+            )
+        idata = _empty_arviz(az) if not groups else arviz_from_dict(az, groups)
+        if self.samples is not None:
+            resampled = arviz_from_dict(az, {"posterior": _one_chain(self.samples)})["posterior"]
+            _add_group(az, idata, "resampled_posterior", resampled)
+        for name in (*groups, *(("resampled_posterior",) if self.samples is not None else ())):
+            idata[name].attrs.update(attrs)
         return idata
+
+
+def _one_chain(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(v)[None] for name, v in arrays.items()}
+
+
+def _empty_arviz(az: Any) -> Any:
+    if int(az.__version__.split(".")[0]) >= 1:
+        import xarray as xr
+
+        return xr.DataTree()
+    return az.InferenceData()
+
+
+def _add_group(az: Any, idata: Any, name: str, group: Any) -> None:
+    """A group outside ArviZ's scheme, on both lines."""
+    if int(az.__version__.split(".")[0]) >= 1:
+        idata[name] = group
+    else:
+        idata.add_groups({name: group})
 
 
 def arviz_from_dict(az: Any, groups: dict[str, dict[str, np.ndarray]]) -> Any:

@@ -271,12 +271,16 @@ def test_importance_resampling_recovers_the_posterior_per_datapoint():
 def test_inference_data_keeps_the_diagnostics():
     est = estimate(params(0.3, 1.8), k=500, num_samples=200)
     idata = est.to_inference_data()
-    assert idata.posterior["z"].shape == (1, 200, 6)
-    attrs = idata.posterior.attrs
+    # Resampled draws are not a chain: they stay out of `posterior`.
+    groups = idata.groups() if callable(idata.groups) else list(idata.children)
+    assert "posterior" not in groups
+    resampled = idata["resampled_posterior"]
+    assert resampled["z"].shape == (1, 200, 6)
+    attrs = resampled.attrs
     assert attrs["log_marginal"] == pytest.approx(float(est.log_marginal))
     assert attrs["k_hat"] == pytest.approx(np.asarray(est.k_hat).tolist())
     assert len(attrs["ess"]) == 6
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(ValueError, match="num_draws=S"):
         estimate(params(), k=10).to_inference_data()
 
 
