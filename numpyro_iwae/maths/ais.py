@@ -19,7 +19,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["TARGET_ACCEPTANCE", "sigmoid_schedule", "AISResult", "ais_log_weights"]
+__all__ = [
+    "TARGET_ACCEPTANCE",
+    "sigmoid_schedule",
+    "AISResult",
+    "ais_log_weights",
+    "hmc_transition",
+]
 
 
 #: The acceptance rate the step size adaptation aims at (HMC's usual 0.65).
@@ -130,7 +136,7 @@ def ais_log_weights(
         u, log_w, eps_prev, acc_prev = carry
         key, beta, beta_next, eps_given = xs
         eps = eps_prev * jnp.exp(2.0 * (acc_prev - TARGET_ACCEPTANCE)) if adapt else eps_given
-        new_u, accept_prob = _hmc(
+        new_u, accept_prob = hmc_transition(
             key, u, lambda v: log_gamma(v, beta), eps, num_leapfrog, element_sum, element_expand
         )
         log_w = log_w + (beta_next - beta) * log_ratio(new_u)
@@ -146,7 +152,7 @@ def ais_log_weights(
     return AISResult(log_w, u, jnp.mean(accepts, axis=0), used)
 
 
-def _hmc(
+def hmc_transition(
     key: jax.Array,
     u: Any,
     log_density: Callable[[Any], jax.Array],
