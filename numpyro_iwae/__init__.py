@@ -9,6 +9,8 @@ Public names:
   standard error, the effective sample size and the PSIS k-hat (:class:`LogMarginalEstimate`).
 - :class:`SUMOMarginal`: an estimate of ``log p(x)`` whose expectation is ``log p(x)``
   (SUMO), with a standard error from replicates (:class:`SUMOEstimate`).
+- :class:`TemperedSMC`: ``log p(x)`` by adaptive tempered SMC from the guide, for
+  posteriors that importance sampling and annealing cannot reach.
 - :func:`compare_evidence`: Bayes factors and posterior model probabilities with standard
   errors from several evidence estimates (:class:`EvidenceComparison`).
 - :func:`shard_particles`: split the particles over the devices of a mesh.
@@ -23,6 +25,7 @@ from numpyro_iwae.evaluators import (
     MarginalLikelihood,
     SUMOEstimate,
     SUMOMarginal,
+    TemperedSMC,
     compare_evidence,
 )
 from numpyro_iwae.objectives import (
@@ -51,6 +54,7 @@ __all__ = [
     "SUMO",
     "SUMOEstimate",
     "SUMOMarginal",
+    "TemperedSMC",
     "UnweightedBoundWarning",
     "compare_evidence",
     "shard_particles",

@@ -8,6 +8,7 @@ re-exported here and from :mod:`numpyro_iwae`.
 from numpyro_iwae.evaluators.comparison import EvidenceComparison, compare_evidence
 from numpyro_iwae.evaluators.marginal import MarginalLikelihood
 from numpyro_iwae.evaluators.results import LogMarginalEstimate, SUMOEstimate
+from numpyro_iwae.evaluators.smc import TemperedSMC
 from numpyro_iwae.evaluators.sumo import SUMOMarginal
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "MarginalLikelihood",
     "SUMOEstimate",
     "SUMOMarginal",
+    "TemperedSMC",
     "compare_evidence",
 ]

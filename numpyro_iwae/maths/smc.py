@@ -123,11 +123,11 @@ def tempered_smc(
     element_sum: Callable[[Any], jax.Array],
     element_expand: Callable[[jax.Array, Any], Any],
     *,
-    target_ess: float = 0.5,
+    target_ess: float = 0.9,
     resample_ess: float = 0.5,
     num_moves: int = 5,
     num_leapfrog: int = 5,
-    step_size: float = 0.1,
+    step_size: float = 0.5,
     max_temperatures: int = 1000,
 ) -> SMCResult:
     r"""One adaptive tempered SMC run per element from particles ``u0`` drawn from q.
@@ -144,9 +144,10 @@ def tempered_smc(
     :param resample_ess: resample (systematic) when the ESS fraction falls below this.
     :param num_moves: HMC transitions per temperature.
     :param num_leapfrog: leapfrog steps per transition.
-    :param step_size: the initial step size; each transition multiplies it by
-        :math:`\exp(2(\bar a - 0.65))`, :math:`\bar a` the particles' mean acceptance
-        at the previous transition, per element.
+    :param step_size: the initial step size (in coordinates scaled by the cloud's
+        standard deviations: a diagonal mass matrix); after each temperature's moves it
+        is multiplied by :math:`\exp(2(\bar a - 0.65))`, :math:`\bar a` the particles'
+        mean acceptance there, per element, and kept within [0.001, 2].
     :param max_temperatures: an upper bound on the steps (a run that has not reached
         :math:`\beta = 1` by then reports NaN).
     """
@@ -157,21 +158,29 @@ def tempered_smc(
     init_w = jnp.full((n, *elements), -jnp.log(n))
 
     def move(key: jax.Array, u: Any, beta: jax.Array, eps: jax.Array) -> tuple:
+        # A diagonal mass matrix from the cloud: HMC on u / scale, scale the particles'
+        # standard deviation per coordinate (they are equally weighted after resampling
+        # or nearly so; the moves leave gamma_beta invariant whatever the scale).
+        scale = jax.tree.map(lambda leaf: jnp.maximum(jnp.std(leaf, axis=0), 1e-6), u)
+
         def log_gamma(v: Any) -> jax.Array:
-            log_q, log_p = log_densities(v)
+            log_q, log_p = log_densities(jax.tree.map(jnp.multiply, v, scale))
             return (1.0 - beta) * log_q + beta * log_p
 
         def one(key: jax.Array, v: Any) -> tuple:
             return hmc_transition(key, v, log_gamma, eps, num_leapfrog, element_sum, element_expand)
 
-        def transition(carry: tuple, key: jax.Array) -> tuple:
-            u, eps = carry
-            u, accept = jax.vmap(one)(jax.random.split(key, n), u)
-            mean_accept = jnp.mean(accept, axis=0)
-            return (u, eps * jnp.exp(2.0 * (mean_accept - TARGET_ACCEPTANCE))), mean_accept
+        def transition(v: Any, key: jax.Array) -> tuple:
+            v, accept = jax.vmap(one)(jax.random.split(key, n), v)
+            return v, jnp.mean(accept, axis=0)
 
-        (u, eps), accepts = jax.lax.scan(transition, (u, eps), jax.random.split(key, num_moves))
-        return u, eps, jnp.mean(accepts, axis=0)
+        v = jax.tree.map(jnp.divide, u, scale)
+        v, accepts = jax.lax.scan(transition, v, jax.random.split(key, num_moves))
+        accept = jnp.mean(accepts, axis=0)
+        # One damped update per temperature, kept in a range that moves whitened
+        # coordinates (a step far outside it is a failed adaptation, not a tuning).
+        eps = jnp.clip(eps * jnp.exp(2.0 * (accept - TARGET_ACCEPTANCE)), 1e-3, 2.0)
+        return jax.tree.map(jnp.multiply, v, scale), eps, accept
 
     def unfinished(carry: tuple) -> jax.Array:
         beta, steps = carry[0], carry[5]
@@ -192,11 +201,17 @@ def tempered_smc(
         indices = systematic_indices(k_resample, log_w)
         resample = ess < resample_ess
 
-        def pick(leaf: jax.Array) -> jax.Array:
-            chosen = jnp.take_along_axis(leaf, _lay(indices, leaf), axis=0)
-            return jnp.where(_lay(resample, leaf, particle_axis=False), chosen, leaf)
-
-        u = jax.tree.map(pick, u)
+        one = jax.tree.map(lambda leaf: leaf[0], u)
+        laid = jax.vmap(element_expand, in_axes=(0, None))(indices, one)
+        flags = element_expand(resample, one)
+        u = jax.tree.map(
+            lambda leaf, idx, flag: jnp.where(
+                flag, jnp.take_along_axis(leaf, jnp.broadcast_to(idx, leaf.shape), axis=0), leaf
+            ),
+            u,
+            laid,
+            flags,
+        )
         log_w = jnp.where(resample, -jnp.log(n), log_w)
         u, eps, accept = move(k_move, u, new_beta, eps)
         active = delta > 0
@@ -227,15 +242,3 @@ def tempered_smc(
     beta, u, log_w, log_z, _, _, counts, accept_sum, _ = jax.lax.while_loop(unfinished, step, carry)
     log_z = jnp.where(beta < 1.0, jnp.nan, log_z)
     return SMCResult(log_z, counts, u, log_w, accept_sum / jnp.maximum(counts, 1))
-
-
-def _lay(x: jax.Array, leaf: jax.Array, particle_axis: bool = True) -> jax.Array:
-    """Broadcast a ``(N, *elements)`` (or ``elements``) array against a leaf
-    ``(N, *elements, *event)``: the leaf's elements are assumed to lead after the
-    particle axis.
-    """
-    extra = leaf.ndim - x.ndim - (0 if particle_axis else 1)
-    shaped = x.reshape(x.shape + (1,) * extra)
-    if particle_axis:
-        return jnp.broadcast_to(shaped, leaf.shape)
-    return shaped

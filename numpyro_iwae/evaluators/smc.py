@@ -1,0 +1,195 @@
+r"""Adaptive tempered sequential Monte Carlo from the guide to the posterior, as an
+evaluator: for posteriors whose geometry one fixed annealing schedule cannot follow.
+
+N particles start as draws of the guide and move together along
+:math:`q^{1-\beta} p(x, z)^{\beta}`: each step chooses the next :math:`\beta` so that the
+conditional ESS keeps a target fraction, resamples when the ESS falls low, and moves every
+particle by HMC in the unconstrained space of the guide's random draws, its step size
+adapted from the cloud's acceptance (:func:`~numpyro_iwae.maths.smc.tempered_smc`; Del
+Moral, Doucet & Jasra 2006; Zhou, Johansen & Aston 2016). Each plate element that the
+weights factorize over (as for importance sampling) runs its own particle system and
+schedule. R independent replicates give
+
+.. math::
+
+    \log \hat p(x_n) = \log \frac1R \sum_{r=1}^R \hat Z_{r,n},
+
+unbiased in :math:`\hat p`, with the delta-method standard error of the replicates' mean.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from numpyro_iwae._jax import Static, check_positive_int
+from numpyro_iwae.core.annealing import AnnealedDensity
+from numpyro_iwae.core.draw import log_weights_with_keys, split_keys
+from numpyro_iwae.core.program import Program
+from numpyro_iwae.evaluators.annealed import check_hmc_options
+from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
+from numpyro_iwae.evaluators.results import LogMarginalEstimate
+from numpyro_iwae.maths.smc import tempered_smc
+
+__all__ = ["TemperedSMC"]
+
+
+class TemperedSMC(Evaluator):
+    r"""Estimate :math:`\log p(x)` by adaptive tempered SMC from a (fitted) guide.
+
+    Called like :class:`~numpyro_iwae.MarginalLikelihood`:
+    ``TemperedSMC(model, guide, params=params)(rng_key, *args, **kwargs)`` returns a
+    :class:`~numpyro_iwae.LogMarginalEstimate` whose ``stderr`` comes from the
+    ``num_replicates`` independent runs, ``ess`` is the replicates' effective number
+    (:math:`(\sum_r \hat Z_r)^2 / \sum_r \hat Z_r^2`) and ``k_hat`` is NaN (too few
+    replicates for a tail fit).
+
+    :param model: NumPyro model.
+    :param guide: NumPyro guide with continuous random draws (the particles move by HMC).
+    :param params: values of the ``param`` sites (``svi_result.params``).
+    :param mutable_state: values of the ``mutable`` sites.
+    :param num_particles: N, particles per replicate (and per plate element).
+    :param num_replicates: R, independent runs (at least 2 for a standard error).
+    :param target_ess: the conditional ESS fraction each tempering step keeps
+        (closer to 1: more, smaller steps; at 0.5 a guide narrower than the posterior
+        left per-datapoint estimates 0.1 low beyond their standard errors in the tests'
+        model, at 0.9 not).
+    :param resample_ess: resample (systematic) when the ESS fraction falls below this.
+    :param num_moves: HMC transitions per temperature.
+    :param leapfrog_steps: leapfrog steps per transition.
+    :param step_size: the initial step size in coordinates scaled by the cloud's
+        standard deviations (a diagonal mass matrix), then adapted from the cloud's
+        acceptance towards 0.65 after each temperature.
+    :param max_temperatures: at most this many tempering steps (an element that has not
+        reached :math:`\beta = 1` by then reports NaN).
+    :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood` (the N
+        particles of a replicate are held together; replicates run one after another).
+    :param vectorize_particles: how particles are mapped (``True``: :func:`jax.vmap`).
+
+    :raises ValueError: at construction for a bad option; when called, as
+        :class:`~numpyro_iwae.MarginalLikelihood` does, and for discrete guide draws.
+
+    Example:
+        >>> import jax, numpyro, numpyro.distributions as dist
+        >>> from numpyro_iwae import TemperedSMC
+        >>> def model():
+        ...     z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        ...     numpyro.sample("x", dist.Normal(z, 1.0), obs=0.5)
+        >>> def guide():  # too wide and off centre: SMC moves the particles over
+        ...     numpyro.sample("z", dist.Normal(1.0, 2.0))
+        >>> est = TemperedSMC(model, guide, num_particles=200)(jax.random.key(0))
+        >>> exact = float(dist.Normal(0.0, 2**0.5).log_prob(0.5))  # x ~ N(0, 2)
+        >>> abs(float(est.log_marginal) - exact) < 4 * float(est.stderr) + 0.01
+        True
+
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        guide: Any,
+        *,
+        params: dict[str, Any] | None = None,
+        mutable_state: dict[str, Any] | None = None,
+        num_particles: int = 1000,
+        num_replicates: int = 4,
+        target_ess: float = 0.9,
+        resample_ess: float = 0.5,
+        num_moves: int = 5,
+        leapfrog_steps: int = 5,
+        step_size: float = 0.5,
+        max_temperatures: int = 1000,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        vectorize_particles: Any = True,
+    ) -> None:
+        super().__init__(
+            model,
+            guide,
+            params=params,
+            mutable_state=mutable_state,
+            memory_budget=memory_budget,
+            vectorize_particles=vectorize_particles,
+        )
+        self.num_particles = check_positive_int(num_particles, "num_particles")
+        if self.num_particles < 2:
+            raise ValueError("num_particles must be at least 2 (particles are resampled).")
+        self.num_replicates = check_positive_int(num_replicates, "num_replicates")
+        for name, value in (("target_ess", target_ess), ("resample_ess", resample_ess)):
+            if not 0.0 < float(value) < 1.0:
+                raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}.")
+        self.target_ess, self.resample_ess = float(target_ess), float(resample_ess)
+        self.num_moves = check_positive_int(num_moves, "num_moves")
+        self.leapfrog_steps, self.step_size, _ = check_hmc_options(leapfrog_steps, step_size, 1)
+        self.max_temperatures = check_positive_int(max_temperatures, "max_temperatures")
+
+    def __call__(self, rng_key: jax.Array, *args: Any, **kwargs: Any) -> LogMarginalEstimate:
+        """Estimate ``log p(x)`` for the data in ``args``/``kwargs``.
+
+        :return: a :class:`~numpyro_iwae.LogMarginalEstimate`.
+        """
+        return self._score(rng_key, args, kwargs)
+
+    def _evaluate_traced(
+        self, rng_key: jax.Array, values: dict, dynamic: list, static: Static
+    ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
+        args, kwargs = static.merge(dynamic)
+        plate_key, keys = split_keys(rng_key, self.num_particles)
+        program = Program(self.model, self.guide, args, kwargs).with_seeded_plates(plate_key)
+        structure = self._structure(program, values, keys[0])
+        # NaN data shows in one importance-sampling draw.
+        _, _, output = log_weights_with_keys(program, values, keys[:1], self._vectorize, structure)
+        nan_data = {n: jnp.any(v, axis=0) for n, v in output.nan_data.items()}
+        self._plate_names[static] = {n: structure.names for n in nan_data}
+        density = AnnealedDensity(program, values, structure, keys[0][1])
+        model_key = keys[0][0]
+
+        def replicate(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+            init_key, run_key = jax.random.split(key)
+            u0 = self._vectorize(density.init, jax.random.split(init_key, self.num_particles))
+            result = tempered_smc(
+                run_key,
+                u0,
+                lambda u: density.log_densities(u, model_key),
+                density.element_sum,
+                density.element_expand,
+                target_ess=self.target_ess,
+                resample_ess=self.resample_ess,
+                num_moves=self.num_moves,
+                num_leapfrog=self.leapfrog_steps,
+                step_size=self.step_size,
+                max_temperatures=self.max_temperatures,
+            )
+            return result.log_z, result.num_temperatures
+
+        run_keys = jax.random.split(jax.random.fold_in(rng_key, 3), self.num_replicates)
+        log_z, _ = jax.lax.map(replicate, run_keys)  # (R, *elements)
+        return replicate_estimate(log_z), nan_data
+
+
+def replicate_estimate(log_z: jax.Array) -> LogMarginalEstimate:
+    r"""The estimate from R replicates' :math:`\log \hat Z_r` per element: the log of
+    their mean, with the delta-method standard error
+    :math:`\sqrt{\mathrm{Var}(\hat Z) / (R\, \bar Z^2)}` (NaN for one replicate).
+    """
+    r = log_z.shape[0]
+    pointwise = logsumexp(log_z, axis=0) - math.log(r)
+    w = jnp.exp(log_z - jnp.max(log_z, axis=0))
+    ess = jnp.sum(w, axis=0) ** 2 / jnp.sum(w**2, axis=0)
+    if r > 1:
+        relative_var = jnp.var(w, axis=0, ddof=1) / jnp.mean(w, axis=0) ** 2 / r
+        stderr, pointwise_stderr = jnp.sqrt(jnp.sum(relative_var)), jnp.sqrt(relative_var)
+    else:
+        stderr = jnp.float32(jnp.nan)
+        pointwise_stderr = jnp.full(pointwise.shape, jnp.nan, pointwise.dtype)
+    return LogMarginalEstimate(
+        log_marginal=jnp.sum(pointwise),
+        pointwise=pointwise,
+        stderr=stderr,
+        pointwise_stderr=pointwise_stderr,
+        ess=ess,
+        k_hat=jnp.full(pointwise.shape, jnp.nan, pointwise.dtype),
+    )
