@@ -16,6 +16,7 @@ import jax
 from jax import random
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 from numpyro import handlers
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import _without_rsample_stop_gradient
@@ -324,12 +325,20 @@ def observed_digest(program: Program, params: Mapping[str, Any], rng_key: jax.Ar
     digest depends on the values only (as float64, with their shapes), not on the
     sites' names or order, so two models that name their data differently still
     match; sites holding no values (``numpyro.factor``) do not count. ``None`` under a
-    JAX transformation (``jit``, ``vmap``), where the data are not concrete.
+    JAX transformation (``jit``, ``vmap``), where the data are not concrete, and if the
+    concrete run fails (the estimate is kept; comparisons then warn).
     """
     leaves = jax.tree.leaves((program.args, dict(program.kwargs), rng_key))
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return None
-    model_trace, _ = trace_pair(program, params, random.split(rng_key))
+    try:
+        # Without NumPyro's eager argument checks: a particle far in the guide's tail
+        # may give a density argument that underflows (weight zero for the estimate,
+        # no reason to fail here).
+        with numpyro.validation_enabled(False):
+            model_trace, _ = trace_pair(program, params, random.split(rng_key))
+    except Exception:  # noqa: BLE001 - a digest must not lose the estimate
+        return None
     parts = []
     for site in sample_sites(model_trace).values():
         if site["is_observed"] and np.size(site["value"]) > 0:

@@ -51,6 +51,7 @@ def test_poor_guide_evidence_within_standard_errors_where_importance_sampling_fa
     compare_evidence({"smc": est, "is": plain._replace(k_hat=jnp.float32(0.5))})
 
 
+@pytest.mark.slow
 def test_each_datapoint_runs_its_own_system():
     def local_model(x):
         with numpyro.plate("data", x.shape[0]):

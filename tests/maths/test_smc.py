@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
 import numpy as np
+import pytest
 
 from numpyro_iwae.maths.smc import next_temperature, systematic_indices, tempered_smc
 
@@ -67,6 +68,7 @@ def test_exact_proposal_gives_the_normalizing_constant_in_one_step():
     np.testing.assert_array_equal(result.num_temperatures, 1)
 
 
+@pytest.mark.slow
 def test_log_z_per_element_within_standard_errors():
     runs = jax.jit(jax.vmap(lambda k: run(k).log_z))(jax.random.split(jax.random.key(2), 12))
     mean = runs.mean(0)
