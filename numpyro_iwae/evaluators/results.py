@@ -120,7 +120,8 @@ class LogMarginalEstimate(NamedTuple):
             d = self.draws
             num = int(np.shape(d.log_p)[0])
             groups["posterior"] = _one_chain(d.values)
-            groups["log_likelihood"] = _one_chain(d.log_likelihood)
+            if d.log_likelihood:  # a model observed only through factors has none
+                groups["log_likelihood"] = _one_chain(d.log_likelihood)
             groups["sample_stats"] = _one_chain(
                 {
                     "log_p": d.log_p,

@@ -141,3 +141,20 @@ def test_psis_loo_from_the_export_matches_exact_leave_one_out():
         warnings.simplefilter("ignore")
         table = az.compare({"off": loo, "off again": loo})
     assert list(table.index)[0] in ("off", "off again")
+
+
+def test_a_model_observed_only_through_a_factor_exports_without_log_likelihood():
+    def factor_model():
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.factor("data", dist.Normal(mu, 1.0).log_prob(0.3))
+
+    def factor_guide():
+        numpyro.sample("mu", dist.Normal(0.15, 0.8))
+
+    est = MarginalLikelihood(factor_model, factor_guide, num_particles=50, num_draws=20)(
+        jax.random.key(0)
+    )
+    assert est.draws.log_likelihood == {}
+    idata = est.to_inference_data()
+    assert "log_likelihood" not in group_names(idata)
+    assert idata["posterior"]["mu"].shape == (1, 20)
