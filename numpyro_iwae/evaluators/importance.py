@@ -28,7 +28,7 @@ from numpyro_iwae.core.draw import log_weights_with_keys
 from numpyro_iwae.core.plates import PlateStructure
 from numpyro_iwae.core.program import Program
 from numpyro_iwae.evaluators.base import Evaluator, chunk_keys
-from numpyro_iwae.evaluators.results import LogMarginalEstimate
+from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
 from numpyro_iwae.maths.psis import pareto_k_hat, psis_tail_length
 from numpyro_iwae.maths.streaming import (
     RunningSums,
@@ -177,13 +177,7 @@ def estimate_from_sums(
     """
     pointwise = state.peak + jnp.log(state.s1) - math.log(k)
     ess = running_ess(state)
-    variance = jnp.maximum(1.0 / ess - 1.0 / k, 0.0)
-    # One particle says nothing about the spread of the weights: unknown, not 0.
-    if k > 1:
-        stderr, pointwise_stderr = jnp.sqrt(jnp.sum(variance)), jnp.sqrt(variance)
-    else:
-        stderr = jnp.float32(jnp.nan)
-        pointwise_stderr = jnp.full(ess.shape, jnp.nan, ess.dtype)
+    stderr, pointwise_stderr = standard_errors(jnp.maximum(1.0 / ess - 1.0 / k, 0.0), k)
     k_hat = pareto_k_hat(state.top) if state.top.shape[0] > 1 else jnp.full(ess.shape, jnp.inf)
     log_weights = None if stacked is None else stacked[:k]
     return LogMarginalEstimate(

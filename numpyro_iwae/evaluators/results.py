@@ -7,9 +7,16 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ImportanceDraws", "LogMarginalEstimate", "arviz_from_dict", "SUMOEstimate"]
+__all__ = [
+    "ImportanceDraws",
+    "LogMarginalEstimate",
+    "arviz_from_dict",
+    "SUMOEstimate",
+    "standard_errors",
+]
 
 
 class ImportanceDraws(NamedTuple):
@@ -156,6 +163,16 @@ def _add_group(az: Any, idata: Any, name: str, group: Any) -> None:
         idata[name] = group
     else:
         idata.add_groups({name: group})
+
+
+def standard_errors(variance: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """``(stderr, pointwise_stderr)`` from per-element variances of the log estimate:
+    the square root of their sum and of each. One particle or replicate says nothing
+    about the spread: both are then NaN (unknown, not 0).
+    """
+    if count > 1:
+        return jnp.sqrt(jnp.sum(variance)), jnp.sqrt(variance)
+    return jnp.float32(jnp.nan), jnp.full(jnp.shape(variance), jnp.nan, jnp.result_type(variance))
 
 
 def arviz_from_dict(az: Any, groups: dict[str, dict[str, np.ndarray]]) -> Any:

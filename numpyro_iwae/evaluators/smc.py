@@ -32,7 +32,7 @@ from numpyro_iwae.core.draw import log_weights_with_keys, split_keys
 from numpyro_iwae.core.program import Program
 from numpyro_iwae.evaluators.annealed import check_hmc_options
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
-from numpyro_iwae.evaluators.results import LogMarginalEstimate
+from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
 from numpyro_iwae.maths.smc import tempered_smc
 
 __all__ = ["TemperedSMC"]
@@ -179,12 +179,8 @@ def replicate_estimate(log_z: jax.Array) -> LogMarginalEstimate:
     pointwise = logsumexp(log_z, axis=0) - math.log(r)
     w = jnp.exp(log_z - jnp.max(log_z, axis=0))
     ess = jnp.sum(w, axis=0) ** 2 / jnp.sum(w**2, axis=0)
-    if r > 1:
-        relative_var = jnp.var(w, axis=0, ddof=1) / jnp.mean(w, axis=0) ** 2 / r
-        stderr, pointwise_stderr = jnp.sqrt(jnp.sum(relative_var)), jnp.sqrt(relative_var)
-    else:
-        stderr = jnp.float32(jnp.nan)
-        pointwise_stderr = jnp.full(pointwise.shape, jnp.nan, pointwise.dtype)
+    relative_var = jnp.var(w, axis=0, ddof=min(r - 1, 1)) / jnp.mean(w, axis=0) ** 2 / r
+    stderr, pointwise_stderr = standard_errors(relative_var, r)
     return LogMarginalEstimate(
         log_marginal=jnp.sum(pointwise),
         pointwise=pointwise,
