@@ -25,7 +25,7 @@ from numpyro_iwae.evaluators.importance import ChunkLogW, ImportanceSampling
 from numpyro_iwae.maths.ais import AISResult, ais_log_weights, sigmoid_schedule
 from numpyro_iwae.maths.bounds import nan_to_neginf
 
-__all__ = ["AnnealedImportanceSampling", "check_hmc_options"]
+__all__ = ["AnnealedImportanceSampling", "check_hmc_options", "annealed_run", "pilot_step_sizes"]
 
 
 def check_hmc_options(
@@ -38,6 +38,57 @@ def check_hmc_options(
     if not float(step_size) > 0:
         raise ValueError(f"step_size must be positive, got {step_size!r}.")
     return leapfrog_steps, float(step_size), check_positive_int(pilot_particles, "pilot_particles")
+
+
+def annealed_run(
+    density: AnnealedDensity,
+    model_key: jax.Array,
+    run_key: jax.Array,
+    u0: dict,
+    betas: jax.Array,
+    step_sizes: jax.Array,
+    leapfrog_steps: int,
+    adapt: bool = False,
+) -> AISResult:
+    """One annealed run of :func:`~numpyro_iwae.maths.ais.ais_log_weights` from the state
+    ``u0`` along ``betas`` (reversed, from the posterior to the guide, for an upper
+    bound), the model's own draws keyed by ``model_key``.
+    """
+    return ais_log_weights(
+        run_key,
+        u0,
+        lambda u: density.log_densities(u, model_key),
+        betas,
+        step_sizes,
+        leapfrog_steps,
+        density.element_sum,
+        density.element_expand,
+        adapt=adapt,
+    )
+
+
+def pilot_step_sizes(
+    density: AnnealedDensity,
+    model_key: jax.Array,
+    key: jax.Array,
+    betas: jax.Array,
+    step_size: float,
+    leapfrog_steps: int,
+    pilot_particles: int,
+) -> jax.Array:
+    """Per-transition step sizes from a pilot of ``pilot_particles`` runs from the guide,
+    adapting from ``step_size`` towards an acceptance of 0.65 (their geometric mean per
+    transition and element); the pilot's weights are discarded.
+    """
+
+    def pilot(k: jax.Array) -> jax.Array:
+        init_key, run_key = jax.random.split(k)
+        u0 = density.init(init_key)
+        eps = jnp.float32(step_size)
+        return annealed_run(density, model_key, run_key, u0, betas, eps, leapfrog_steps, True)
+
+    runs = jax.vmap(pilot)(jax.random.split(key, pilot_particles))
+    return jnp.exp(jnp.mean(jnp.log(runs.step_sizes), axis=0))
 
 
 class AnnealedImportanceSampling(ImportanceSampling):
@@ -82,26 +133,23 @@ class AnnealedImportanceSampling(ImportanceSampling):
         density = AnnealedDensity(program, values, structure, key[1])
         betas = sigmoid_schedule(self.annealing_steps + 1)
 
-        def one(pair: jax.Array, step_sizes: jax.Array, adapt: bool) -> AISResult:
-            init_key, run_key = jax.random.split(pair[1])
-            return ais_log_weights(
-                run_key,
-                density.init(init_key),
-                lambda u: density.log_densities(u, pair[0]),
-                betas,
-                step_sizes,
-                self.leapfrog_steps,
-                density.element_sum,
-                density.element_expand,
-                adapt=adapt,
-            )
-
-        pilot_keys = jax.random.split(jax.random.fold_in(key[0], 7), (self.pilot_particles, 2))
-        pilot = jax.vmap(lambda k: one(k, jnp.float32(self.step_size), True))(pilot_keys)
-        step_sizes = jnp.exp(jnp.mean(jnp.log(pilot.step_sizes), axis=0))
+        pilot_key = jax.random.fold_in(key[0], 7)
+        step_sizes = pilot_step_sizes(
+            density,
+            pilot_key,
+            pilot_key,
+            betas,
+            self.step_size,
+            self.leapfrog_steps,
+            self.pilot_particles,
+        )
 
         def kept(pair: jax.Array) -> tuple[jax.Array, dict]:
-            out = one(pair, step_sizes, False)
+            init_key, run_key = jax.random.split(pair[1])
+            u0 = density.init(init_key)
+            out = annealed_run(
+                density, pair[0], run_key, u0, betas, step_sizes, self.leapfrog_steps
+            )
             # The final states, for importance resampling: approximately from the
             # posterior, weighted by their AIS weights.
             return out.log_w, density.values_at(out.u, pair[0])

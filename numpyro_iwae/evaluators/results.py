@@ -73,6 +73,9 @@ class LogMarginalEstimate(NamedTuple):
         draws: with ``num_draws=S``, S further draws from the guide, not resampled,
             with their densities and per-observation log-likelihoods
             (:class:`ImportanceDraws`); else ``None``.
+        num_evaluations: where the cost depends on the run (adaptive tempered SMC),
+            the model evaluations (a density, or a density with its gradient) the
+            estimate took per element, like ``pointwise``; else ``None``.
 
     """
 
@@ -88,6 +91,7 @@ class LogMarginalEstimate(NamedTuple):
     local_k_hat: dict[str, jax.Array] | None = None
     data_digest: str | None = None
     draws: ImportanceDraws | None = None
+    num_evaluations: jax.Array | None = None
 
     def to_inference_data(self) -> Any:
         """The estimate as ArviZ data: :class:`arviz.InferenceData` on ArviZ 0.x, an

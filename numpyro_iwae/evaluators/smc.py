@@ -33,7 +33,7 @@ from numpyro_iwae.core.program import Program
 from numpyro_iwae.evaluators.annealed import check_hmc_options
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
-from numpyro_iwae.maths.smc import tempered_smc
+from numpyro_iwae.maths.smc import GAP_FRACTION, LOCAL_SPREAD, tempered_smc
 
 __all__ = ["TemperedSMC"]
 
@@ -59,13 +59,24 @@ class TemperedSMC(Evaluator):
         left per-datapoint estimates 0.1 low beyond their standard errors in the tests'
         model, at 0.9 not).
     :param resample_ess: resample (systematic) when the ESS fraction falls below this.
-    :param num_moves: HMC transitions per temperature.
+    :param num_moves: sweeps per temperature: one HMC transition with the cloud's step
+        size and (unless ``local_spread`` is None) one whose step size follows the
+        particle's state, for posteriors whose scale varies (a funnel's neck); see
+        :func:`~numpyro_iwae.maths.smc.tempered_smc`.
     :param leapfrog_steps: leapfrog steps per transition.
     :param step_size: the initial step size in coordinates scaled by the cloud's
         standard deviations (a diagonal mass matrix), then adapted from the cloud's
         acceptance towards 0.65 after each temperature.
     :param max_temperatures: at most this many tempering steps (an element that has not
         reached :math:`\beta = 1` by then reports NaN).
+    :param local_spread: the spread of the state-dependent step size's log
+        (:func:`~numpyro_iwae.maths.ais.hmc_transition`); None uses the cloud's step size
+        only (half the cost per sweep).
+    :param gap_fraction: each tempering step keeps at least this fraction of the
+        remaining :math:`1 - \beta` (until it is below 0.001), however large a step the
+        CESS allows: with a guide lighter-tailed than the posterior the tempered targets'
+        tails open only near :math:`\beta = 1`, where no particle is yet to show it
+        (0: the CESS alone decides).
     :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood` (the N
         particles of a replicate are held together; replicates run one after another).
     :param vectorize_particles: how particles are mapped (``True``: :func:`jax.vmap`).
@@ -103,6 +114,8 @@ class TemperedSMC(Evaluator):
         leapfrog_steps: int = 5,
         step_size: float = 0.5,
         max_temperatures: int = 1000,
+        local_spread: float | None = LOCAL_SPREAD,
+        gap_fraction: float = GAP_FRACTION,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         vectorize_particles: Any = True,
     ) -> None:
@@ -125,6 +138,12 @@ class TemperedSMC(Evaluator):
         self.num_moves = check_positive_int(num_moves, "num_moves")
         self.leapfrog_steps, self.step_size, _ = check_hmc_options(leapfrog_steps, step_size, 1)
         self.max_temperatures = check_positive_int(max_temperatures, "max_temperatures")
+        if local_spread is not None and not float(local_spread) > 0.0:
+            raise ValueError(f"local_spread must be positive or None, got {local_spread!r}.")
+        self.local_spread = None if local_spread is None else float(local_spread)
+        if not 0.0 <= float(gap_fraction) < 1.0:
+            raise ValueError(f"gap_fraction must lie in [0, 1), got {gap_fraction!r}.")
+        self.gap_fraction = float(gap_fraction)
 
     def __call__(self, rng_key: jax.Array, *args: Any, **kwargs: Any) -> LogMarginalEstimate:
         """Estimate ``log p(x)`` for the data in ``args``/``kwargs``.
@@ -162,12 +181,20 @@ class TemperedSMC(Evaluator):
                 num_leapfrog=self.leapfrog_steps,
                 step_size=self.step_size,
                 max_temperatures=self.max_temperatures,
+                local_spread=self.local_spread,
+                gap_fraction=self.gap_fraction,
             )
             return result.log_z, result.num_temperatures
 
         run_keys = jax.random.split(jax.random.fold_in(rng_key, 3), self.num_replicates)
-        log_z, _ = jax.lax.map(replicate, run_keys)  # (R, *elements)
-        return replicate_estimate(log_z), nan_data
+        log_z, temperatures = jax.lax.map(replicate, run_keys)  # (R, *elements)
+        # Per particle: the first densities, then per temperature the densities for the
+        # weights and every transition's L + 1 gradients.
+        transitions = self.num_moves * (1 if self.local_spread is None else 2)
+        per_temperature = 1 + transitions * (self.leapfrog_steps + 1)
+        temperatures = temperatures.astype(jnp.float32)  # counts past int32 at scale
+        evaluations = self.num_particles * jnp.sum(1 + temperatures * per_temperature, axis=0)
+        return replicate_estimate(log_z)._replace(num_evaluations=evaluations), nan_data
 
 
 def replicate_estimate(log_z: jax.Array) -> LogMarginalEstimate:

@@ -33,7 +33,22 @@ from jax.scipy.special import logsumexp
 
 from numpyro_iwae.maths.ais import TARGET_ACCEPTANCE, hmc_transition
 
-__all__ = ["next_temperature", "systematic_indices", "SMCResult", "tempered_smc"]
+#: The default spread of the state-dependent step size's log (see ``local_spread``).
+LOCAL_SPREAD = 0.3
+#: The default fraction of :math:`1 - \beta` a tempering step keeps (see ``gap_fraction``).
+GAP_FRACTION = 0.5
+#: Below this :math:`1 - \beta` the CESS alone chooses the steps.
+GAP_FLOOR = 1e-3
+
+__all__ = [
+    "GAP_FLOOR",
+    "GAP_FRACTION",
+    "LOCAL_SPREAD",
+    "next_temperature",
+    "systematic_indices",
+    "SMCResult",
+    "tempered_smc",
+]
 
 
 def _conditional_log_ess(log_w: jax.Array, log_ratio: jax.Array, delta: jax.Array) -> jax.Array:
@@ -129,6 +144,8 @@ def tempered_smc(
     num_leapfrog: int = 5,
     step_size: float = 0.5,
     max_temperatures: int = 1000,
+    local_spread: float | None = LOCAL_SPREAD,
+    gap_fraction: float = GAP_FRACTION,
 ) -> SMCResult:
     r"""One adaptive tempered SMC run per element from particles ``u0`` drawn from q.
 
@@ -142,7 +159,12 @@ def tempered_smc(
     :param element_expand: for one particle, lays a per-element array against every leaf.
     :param target_ess: the conditional ESS fraction each tempering step keeps.
     :param resample_ess: resample (systematic) when the ESS fraction falls below this.
-    :param num_moves: HMC transitions per temperature.
+    :param num_moves: sweeps per temperature. A sweep is one HMC transition with the
+        cloud's step size and, unless ``local_spread`` is None, one more whose step size
+        follows the particle's state (:func:`~numpyro_iwae.maths.ais.hmc_transition`):
+        the first crosses the bulk and the wide end of a funnel in long trajectories,
+        the second enters regions whose scale is much smaller than the cloud's (a
+        funnel's neck), which no single step size both does.
     :param num_leapfrog: leapfrog steps per transition.
     :param step_size: the initial step size (in coordinates scaled by the cloud's
         standard deviations: a diagonal mass matrix); after each temperature's moves it
@@ -150,6 +172,14 @@ def tempered_smc(
         mean acceptance there, per element, and kept within [0.001, 2].
     :param max_temperatures: an upper bound on the steps (a run that has not reached
         :math:`\beta = 1` by then reports NaN).
+    :param local_spread: the spread of the state-dependent step size's log (None: no
+        such transitions).
+    :param gap_fraction: each step keeps at least this fraction of the remaining
+        :math:`1 - \beta` until it is below ``GAP_FLOOR`` (0: the CESS alone decides).
+        With a guide whose tails are lighter than the posterior's, the tempered
+        target's tails open only as :math:`\beta \to 1` (for a Gaussian guide out to
+        about :math:`(1 - \beta)^{-1/2}` scales), where no particle is yet to tell the
+        CESS; a few geometric steps let the moves carry particles out.
     """
     densities = jax.vmap(log_densities)
     log_q0, log_p0 = densities(u0)
@@ -167,15 +197,26 @@ def tempered_smc(
             log_q, log_p = log_densities(jax.tree.map(jnp.multiply, v, scale))
             return (1.0 - beta) * log_q + beta * log_p
 
-        def one(key: jax.Array, v: Any) -> tuple:
-            return hmc_transition(key, v, log_gamma, eps, num_leapfrog, element_sum, element_expand)
+        def transition(v: Any, key: jax.Array, spread: float | None) -> tuple:
+            def one(key: jax.Array, v: Any) -> tuple:
+                return hmc_transition(
+                    key, v, log_gamma, eps, num_leapfrog, element_sum, element_expand, spread
+                )
 
-        def transition(v: Any, key: jax.Array) -> tuple:
             v, accept = jax.vmap(one)(jax.random.split(key, n), v)
             return v, jnp.mean(accept, axis=0)
 
+        spreads = (None,) if local_spread is None else (None, local_spread)
+
+        def sweep(v: Any, key: jax.Array) -> tuple:
+            accepts = []
+            for k, spread in zip(jax.random.split(key, len(spreads)), spreads):
+                v, accept = transition(v, k, spread)
+                accepts.append(accept)
+            return v, sum(accepts) / len(accepts)
+
         v = jax.tree.map(jnp.divide, u, scale)
-        v, accepts = jax.lax.scan(transition, v, jax.random.split(key, num_moves))
+        v, accepts = jax.lax.scan(sweep, v, jax.random.split(key, num_moves))
         accept = jnp.mean(accepts, axis=0)
         # One damped update per temperature, kept in a range that moves whitened
         # coordinates (a step far outside it is a failed adaptation, not a tuning).
@@ -192,6 +233,10 @@ def tempered_smc(
         log_q, log_p = densities(u)
         ratio = jnp.where(jnp.isfinite(log_p - log_q), log_p - log_q, -jnp.inf)
         new_beta = next_temperature(beta, log_w, ratio, target_ess)
+        # Keep a fraction of the remaining 1 - beta per step (down to GAP_FLOOR), so
+        # that tails the guide keeps closed until beta is near 1 open over several steps.
+        slowest = jnp.where(1.0 - beta > GAP_FLOOR, 1.0 - (1.0 - beta) * gap_fraction, 1.0)
+        new_beta = jnp.minimum(new_beta, slowest)
         delta = new_beta - beta
         increment = logsumexp(log_w + delta * ratio, axis=0)
         log_z = log_z + jnp.where(delta > 0, increment, 0.0)

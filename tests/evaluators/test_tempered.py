@@ -27,13 +27,17 @@ def guide_at(loc_shift, scale):
     return guide
 
 
-def test_exact_guide_gives_the_evidence_in_one_step():
+def test_exact_guide_gives_the_evidence_exactly():
     est = TemperedSMC(model, guide_at(0.0, 0.5**0.5), num_particles=50, num_replicates=2)(
         jax.random.key(0), X
     )
     np.testing.assert_allclose(float(est.log_marginal), EXACT, rtol=1e-5)
     assert float(est.stderr) < 1e-5 and np.isnan(float(est.k_hat))
     assert est.data_digest is not None
+    # 11 temperatures per replicate (1 - beta halves to below 0.001, then 1): the
+    # first densities, then per temperature the weights' densities and 5 sweeps of two
+    # 5-step transitions (6 gradients each), for 50 particles x 2 replicates.
+    assert float(est.num_evaluations) == 50 * 2 * (1 + 11 * (1 + 5 * 2 * 6))
 
 
 def test_poor_guide_evidence_within_standard_errors_where_importance_sampling_fails():
@@ -80,6 +84,7 @@ def test_each_datapoint_runs_its_own_system():
         ({"resample_ess": 0.0}, "resample_ess"),
         ({"num_moves": 0}, "num_moves"),
         ({"step_size": -1.0}, "step_size"),
+        ({"local_spread": 0.0}, "local_spread"),
     ],
 )
 def test_bad_options_are_refused(kwargs, message):

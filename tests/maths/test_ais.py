@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numpyro_iwae.maths.ais import ais_log_weights, sigmoid_schedule
+from numpyro_iwae.maths.ais import ais_log_weights, hmc_transition, sigmoid_schedule
 
 # Five plate elements, each a 2-D Gaussian target with its own normalizing constant.
 LOG_Z = jnp.array([-3.0, 0.5, 2.0, -1.0, 4.0])
@@ -109,3 +109,50 @@ def test_one_step_is_importance_sampling():
     z = MEANS + 0.3 + SCALE * 1.2 * jax.random.normal(k0, MEANS.shape)
     expected = log_p({"z": z}) - normal_log_pdf(z, MEANS + 0.3, SCALE * 1.2)
     np.testing.assert_allclose(out.log_w, expected, rtol=1e-6)
+
+
+def funnel_log_density(u):
+    """A 2-D funnel, v ~ N(0, 1.5^2), x | v ~ N(0, e^v): its scale in x spans e^-2..e^2."""
+    v, x = u["z"][0], u["z"][1]
+    return jax.scipy.stats.norm.logpdf(v, 0.0, 1.5) + jax.scipy.stats.norm.logpdf(
+        x, 0.0, jnp.exp(v / 2)
+    )
+
+
+@pytest.mark.parametrize("spread", [None, 0.3])
+def test_hmc_transition_leaves_the_target_invariant(spread):
+    # Exact draws moved by 10 transitions are still exact draws: the state-dependent
+    # step size (spread 0.3) needs its g(eps | u') / g(eps | u) term for this (without
+    # it the mean of v drifted by 10 of its standard errors, measured).
+    n = 20_000
+    kv, kx, km = jax.random.split(jax.random.key(5), 3)
+    v = 1.5 * jax.random.normal(kv, (n,))
+    u = {"z": jnp.stack([v, jnp.exp(v / 2) * jax.random.normal(kx, (n,))], -1)}
+
+    def one(key, u):
+        return hmc_transition(
+            key,
+            u,
+            funnel_log_density,
+            jnp.asarray(0.8),
+            5,
+            lambda t: jnp.sum(t["z"]),
+            lambda a, t: {"z": jnp.broadcast_to(a, t["z"].shape)},
+            spread,
+        )
+
+    def sweep(u, key):
+        u, accept = jax.vmap(one)(jax.random.split(key, n), u)
+        return u, accept.mean()
+
+    moved, accepts = jax.jit(lambda u: jax.lax.scan(sweep, u, jax.random.split(km, 10)))(u)
+    v_after = moved["z"][:, 0]
+    assert float(jnp.mean(jnp.abs(v_after - v) > 0)) > 0.5  # they did move
+    # Each statistic of exact draws has a known standard error.
+    for stat, exact, stderr in (
+        (jnp.mean(v_after), 0.0, 1.5 / math.sqrt(n)),
+        (jnp.mean(v_after**2), 2.25, 2.25 * math.sqrt(2 / n)),
+        (jnp.mean(v_after < -1.5), 0.1587, math.sqrt(0.1587 * 0.8413 / n)),
+        (jnp.mean(v_after > 1.5), 0.1587, math.sqrt(0.1587 * 0.8413 / n)),
+    ):
+        assert abs(float(stat) - exact) < 4 * stderr, (float(stat), exact, stderr)

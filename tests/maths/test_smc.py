@@ -58,14 +58,19 @@ def test_systematic_resampling_counts_are_floor_or_ceiling_of_n_times_weight():
         )
 
 
-def test_exact_proposal_gives_the_normalizing_constant_in_one_step():
+def test_exact_proposal_gives_the_normalizing_constant_at_every_schedule():
     def exact(u):
         return norm.logpdf(u["x"], MEAN, SCALE), LOG_Z + norm.logpdf(u["x"], MEAN, SCALE)
 
     u0 = {"x": MEAN + SCALE * jax.random.normal(jax.random.key(0), (50, 3))}
-    result = tempered_smc(jax.random.key(1), u0, exact, element_sum, element_expand)
+    # The CESS alone: one step.
+    result = tempered_smc(jax.random.key(1), u0, exact, element_sum, element_expand, gap_fraction=0)
     np.testing.assert_allclose(result.log_z, LOG_Z, rtol=1e-6)
     np.testing.assert_array_equal(result.num_temperatures, 1)
+    # The default keeps half of 1 - beta per step: 10 halvings to below 0.001, then 1.
+    result = tempered_smc(jax.random.key(1), u0, exact, element_sum, element_expand)
+    np.testing.assert_allclose(result.log_z, LOG_Z, rtol=1e-5)
+    np.testing.assert_array_equal(result.num_temperatures, 11)
 
 
 @pytest.mark.slow
