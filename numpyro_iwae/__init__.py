@@ -11,6 +11,8 @@ Public names:
   (SUMO), with a standard error from replicates (:class:`SUMOEstimate`).
 - :class:`TemperedSMC`: ``log p(x)`` by adaptive tempered SMC from the guide, for
   posteriors that importance sampling and annealing cannot reach.
+- :class:`BidirectionalMC`: ``log p(x)`` of data simulated from the model between a
+  lower and an upper bound (:class:`EvidenceSandwich`), to choose an evaluator's settings.
 - :func:`compare_evidence`: Bayes factors and posterior model probabilities with standard
   errors from several evidence estimates (:class:`EvidenceComparison`).
 - :func:`shard_particles`: split the particles over the devices of a mesh.
@@ -20,7 +22,9 @@ Public names:
 
 from numpyro_iwae.core.plan import JointWeightsWarning, UnweightedBoundWarning
 from numpyro_iwae.evaluators import (
+    BidirectionalMC,
     EvidenceComparison,
+    EvidenceSandwich,
     LogMarginalEstimate,
     MarginalLikelihood,
     SUMOEstimate,
@@ -40,8 +44,10 @@ from numpyro_iwae.objectives import (
 from numpyro_iwae.sharding import ShardedParticles, shard_particles
 
 __all__ = [
+    "BidirectionalMC",
     "CIWAE",
     "EvidenceComparison",
+    "EvidenceSandwich",
     "IWELBO",
     "JointWeightsWarning",
     "LogMarginalEstimate",

@@ -5,6 +5,7 @@ family of result types (:mod:`~numpyro_iwae.evaluators.results`); each public na
 re-exported here and from :mod:`numpyro_iwae`.
 """
 
+from numpyro_iwae.evaluators.bdmc import BidirectionalMC, EvidenceSandwich
 from numpyro_iwae.evaluators.comparison import EvidenceComparison, compare_evidence
 from numpyro_iwae.evaluators.marginal import MarginalLikelihood
 from numpyro_iwae.evaluators.results import LogMarginalEstimate, SUMOEstimate
@@ -12,6 +13,8 @@ from numpyro_iwae.evaluators.smc import TemperedSMC
 from numpyro_iwae.evaluators.sumo import SUMOMarginal
 
 __all__ = [
+    "BidirectionalMC",
+    "EvidenceSandwich",
     "EvidenceComparison",
     "LogMarginalEstimate",
     "MarginalLikelihood",
