@@ -17,6 +17,19 @@ def new_record() -> dict:
     return record
 
 
+def versions() -> dict:
+    """The Python, JAX and NumPyro versions a benchmark ran on."""
+    import platform
+
+    import numpyro
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpyro": numpyro.__version__,
+    }
+
+
 def save_record(record: dict, path: Path) -> dict:
     """Add the load average after the run and write ``record`` to ``path``."""
     record["load_after"] = os.getloadavg()[0]

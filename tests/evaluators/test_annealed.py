@@ -54,7 +54,7 @@ def test_annealing_with_the_exact_posterior_gives_log_p_for_every_particle():
 def test_annealing_covers_the_truth_where_importance_sampling_does_not():
     # AIS: K = 100, T = 50 transitions of 5 leapfrog steps, about 8 evaluations of the
     # model and guide each (gradients counted as one): 40,000 per datapoint, the budget
-    # given to importance sampling. Measured at four keys: AIS covered 92.5-97.5% of
+    # given to importance sampling. Measured at four keys: AIS covered 87.5-95% of
     # the datapoints with its 2-s.e. intervals and its total lay within 1 s.e.; IS covered
     # 47.5-65% and missed the total by 3.9-8.2 of its own standard errors.
     k, steps = 100, 50

@@ -51,6 +51,7 @@ def test_the_exact_posterior_closes_the_sandwich_and_the_arguments_carry_the_dat
     assert out.lower.data_digest == out.upper.data_digest is not None
 
 
+@pytest.mark.slow
 def test_bounds_hold_in_expectation_over_simulated_datapoints_and_the_gap_closes():
     # Each simulated datapoint is its own problem with its own exact draw z*_n; the
     # bounds hold in expectation over (y_n, z*_n), so average over 60 of them (for one

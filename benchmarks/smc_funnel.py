@@ -1,0 +1,133 @@
+"""Neal's funnel (exact log Z = 0) from mean-field fits: adaptive tempered SMC against
+annealed importance sampling and importance sampling at the same number of model
+evaluations.
+
+Fits AutoNormal to the 10-D funnel of examples/funnel.py with the ELBO and with IWELBO
+(K = 10, DReG), as benchmarks/ais_funnel.py does, then estimates log Z with TemperedSMC
+(N particles, R replicates; its ``num_evaluations`` is the cost), and with
+MarginalLikelihood at that cost: AIS with --ais-particles particles of T transitions of
+L leapfrog steps (T (L + 3) evaluations per particle), and importance sampling with one
+draw per evaluation up to --max-is-draws (the evaluator holds a key per draw). Run
+with --smc-only to time the SMC rows alone.
+
+Run:  python benchmarks/smc_funnel.py        (about 15 minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+import time
+
+from examples_loader import load_example
+import jax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+import optax
+from recording import versions
+
+from numpyro_iwae import IWELBO, MarginalLikelihood, TemperedSMC
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(evaluator, key) -> tuple:
+    start = time.perf_counter()
+    est = evaluator(key)
+    jax.block_until_ready(est.log_marginal)
+    return est, time.perf_counter() - start
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--fit-steps", type=int, default=3000)
+    parser.add_argument("--particles", type=int, default=4000, help="SMC particles N")
+    parser.add_argument("--replicates", type=int, default=8, help="SMC replicates R")
+    parser.add_argument("--moves", type=int, default=10, help="SMC sweeps per temperature")
+    parser.add_argument("--leapfrog", type=int, default=30)
+    parser.add_argument("--target-ess", type=float, default=0.99)
+    parser.add_argument("--ais-particles", type=int, default=400)
+    parser.add_argument("--ais-leapfrog", type=int, default=5)
+    parser.add_argument("--max-is-draws", type=int, default=20_000_000)
+    parser.add_argument("--smc-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=HERE / "smc_funnel.json")
+    args = parser.parse_args(argv)
+    funnel = load_example("funnel").funnel
+    load = os.getloadavg()[0]
+    rows = []
+    fits = (("ELBO", Trace_ELBO()), ("IWELBO K=10 DReG", IWELBO(10, gradient_estimator="dreg")))
+    for name, elbo in fits:
+        guide = AutoNormal(funnel)
+        svi = SVI(funnel, guide, optax.adam(5e-3), elbo)
+        params = svi.run(jax.random.key(0), args.fit_steps, progress_bar=False).params
+        smc = TemperedSMC(
+            funnel,
+            guide,
+            params=params,
+            num_particles=args.particles,
+            num_replicates=args.replicates,
+            num_moves=args.moves,
+            leapfrog_steps=args.leapfrog,
+            target_ess=args.target_ess,
+        )
+        est, seconds = timed(smc, jax.random.key(1))
+        evaluations = float(est.num_evaluations)
+
+        def record(
+            method: str, est, seconds: float, config: str, cost: float, name: str = name
+        ) -> None:
+            row = {
+                "fit": name,
+                "method": method,
+                "config": config,
+                "evaluations": cost,
+                "log_z": float(est.log_marginal),
+                "stderr": float(est.stderr),
+                "k_hat": float(est.k_hat),
+                "seconds_with_compile": seconds,
+            }
+            rows.append(row)
+            print(
+                f"{name:<18}{method:<5}{config:<18}log Z {row['log_z']:8.3f} ± "
+                f"{row['stderr']:.3f}  ({row['log_z'] / row['stderr']:5.1f} s.e.)  "
+                f"k-hat {row['k_hat']:5.2f}  {cost:.3g} evaluations  {seconds:6.1f} s",
+                flush=True,
+            )
+
+        record("SMC", est, seconds, f"N={args.particles} R={args.replicates}", evaluations)
+        if args.smc_only:
+            continue
+        per_particle = args.ais_leapfrog + 3
+        steps = max(2, round(evaluations / (args.ais_particles * per_particle)))
+        ais = MarginalLikelihood(
+            funnel,
+            guide,
+            params=params,
+            num_particles=args.ais_particles,
+            annealing_steps=steps,
+            leapfrog_steps=args.ais_leapfrog,
+        )
+        cost = float(args.ais_particles * steps * per_particle)
+        record("AIS", *timed(ais, jax.random.key(1)), f"K={args.ais_particles} T={steps}", cost)
+        # Importance sampling holds one key per particle, so it is capped.
+        draws = min(int(evaluations), args.max_is_draws)
+        is_ = MarginalLikelihood(funnel, guide, params=params, num_particles=draws)
+        record("IS", *timed(is_, jax.random.key(1)), f"K={draws}", float(draws))
+    print(f"load average at start {load:.2f}")
+    result = {
+        "load_average": load,
+        "versions": versions(),
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
