@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+import platform
 import time
 
 import arviz as az
@@ -172,6 +173,11 @@ def plot(results: list[dict], draws: dict, path: Path) -> None:
     # (c): the gap log Z - L_K = -L_K against K, on a log scale so that L_1 fits too.
     ax = axes[1, 0]
     floor = 1e-3
+    # A fit trained with many particles can have a K = 1 bound far below log Z (1e8
+    # nats): the axis stops a decade above the largest gap at K > 1 and such points sit
+    # on its top edge as triangles, labelled with their value.
+    above_one = [-v[0] for r in results for k, v in r["bounds"].items() if int(k) > 1 and -v[0] > 0]
+    ceiling = 10 * max(above_one + [1.0])
     for i, r in enumerate(results):
         ks = np.array(sorted(int(k) for k in r["bounds"]))
         means = np.array([r["bounds"][str(k)][0] for k in ks])
@@ -180,20 +186,36 @@ def plot(results: list[dict], draws: dict, path: Path) -> None:
         x = ks * 1.06 ** (i - (len(results) - 1) / 2)  # spread the fits sideways
         color, marker = f"C{i % 10}", "o" if r["guide"] == "iaf" else "s"
         style = "-" if r["guide"] == "iaf" else "--"
+        off = gap > ceiling
+        for xi, gi in zip(x[off], gap[off]):
+            ax.annotate(
+                f"{gi:.0e}",
+                (xi, ceiling),
+                xytext=(4, -10),
+                textcoords="offset points",
+                fontsize=6,
+                color=color,
+            )
+        ax.plot(x[off], np.full(off.sum(), ceiling), "^", color=color, ms=7)
+        gap = np.minimum(gap, ceiling)
         ax.plot(x, gap, style, color=color, lw=1, marker=marker, ms=4, label=r["name"])
         # +- 2 s.e. where it fits on the log axis; a hollow marker where it does not
         # (the bound is not significantly below log Z, or its s.e. exceeds the gap).
-        sure = 2 * ses < gap
+        sure = (2 * ses < gap) & ~off
         lower = gap - np.maximum(gap - 2 * ses, floor)
         ax.errorbar(
             x[sure], gap[sure], yerr=[lower[sure], 2 * ses[sure]], fmt="none", color=color, lw=1
         )
-        ax.plot(x[~sure], gap[~sure], marker, ms=8, mfc="none", color=color)
+        ax.plot(x[~sure & ~off], gap[~sure & ~off], marker, ms=8, mfc="none", color=color)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("K (evaluation particles per bound)")
     ax.set_ylabel("log Z - mean K-particle bound (± 2 s.e.)")
-    ax.set_title("Gap of the bound to log Z = 0 against K\n(hollow: s.e. too large to draw)")
+    ax.set_ylim(top=ceiling * 1.5)
+    ax.set_title(
+        "Gap of the bound to log Z = 0 against K\n(hollow: s.e. too large to draw; "
+        "triangles: off the scale)"
+    )
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
 
     # (d): log Z estimates with error bars against the truth.
@@ -225,8 +247,45 @@ def plot(results: list[dict], draws: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def table(results: list[dict], nuts_q: list[float], nuts_samples: int) -> str:
+    """The fits' numbers as a reStructuredText table (the docs page includes it)."""
+    widths = (26, 7, 6, 6, 5, 7, 29)
+    rule = " ".join("=" * w for w in widths)
+    head = ("fit", "log Z", "s.e.", "ESS", "k-hat", "skipped", "v quantiles 5/25/50/75/95 %")
+    lines = [rule, " ".join(f"{h:<{w}}" for h, w in zip(head, widths)).rstrip(), rule]
+    for r in results:
+        if r["diverged"]:
+            cells = (r["name"], "diverged", "", "", "", str(r["skipped_steps"]), "")
+        else:
+            cells = (
+                r["name"],
+                f"{r['log_z']:.3f}",
+                f"{r['stderr']:.3f}",
+                f"{r['ess']:.0f}",
+                f"{r['k_hat']:.2f}",
+                str(r["skipped_steps"]),
+                " ".join(f"{q:.2f}" for q in r["v_quantiles"]),
+            )
+        lines.append(" ".join(f"{c:<{w}}" for c, w in zip(cells, widths)).rstrip())
+    nuts = (
+        f"NUTS reference ({nuts_samples})",
+        "",
+        "",
+        "",
+        "",
+        "",
+        " ".join(f"{q:.2f}" for q in nuts_q),
+    )
+    lines.append(" ".join(f"{c:<{w}}" for c, w in zip(nuts, widths)).rstrip())
+    lines.append(rule)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=3000, help="SVI steps per fit")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (cosine decay)")
     parser.add_argument(
@@ -273,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Neal's funnel, exact log Z = 0: {len(runs)} fits of {args.steps} SVI steps, each scored "
         f"with {args.eval_particles} importance samples."
     )
+    started = time.perf_counter()
     results, draws = [], {}
     for guide_name, k, estimator in runs:
         name = f"{guide_name}, " + ("ELBO" if k == 1 else f"IWAE K={k} {estimator}")
@@ -343,7 +403,15 @@ def main(argv: list[str] | None = None) -> dict:
     print("'skipped': SVI steps whose loss was not finite.")
 
     args.out.mkdir(parents=True, exist_ok=True)
+    seconds = time.perf_counter() - started
+    print(f"{seconds:.0f} s in all, {sum(r['fit_seconds'] for r in results):.0f} s of it training")
     summary = {
+        "seconds": seconds,
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "numpyro": numpyro.__version__,
+        },
         "log_z": 0.0,
         "fits": results,
         "nuts": {"samples": args.nuts_samples, "v_quantiles": nuts_q},
@@ -351,8 +419,9 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
     (args.out / "funnel.json").write_text(json.dumps(strict_json(summary), indent=2))
+    (args.out / "funnel_table.rst").write_text(table(results, nuts_q, args.nuts_samples))
     plot(results, draws, args.out / "funnel.png")
-    print(f"wrote {args.out / 'funnel.json'} and {args.out / 'funnel.png'}")
+    print(f"wrote funnel.json, funnel_table.rst and funnel.png into {args.out}")
     return summary
 
 

@@ -170,11 +170,9 @@ class Method:
 
     @classmethod
     def parse(cls, name: str, sumo_m: int, sumo_max_terms: int) -> Method:
-        if name == "sumo":
+        if method_name(name) == "sumo":
             return cls("sumo", sumo_m + sumo_max_terms, True, sumo_m)
-        if name.startswith("iwae-") and name[5:].isdigit() and int(name[5:]) >= 1:
-            return cls(name, int(name[5:]), False)
-        raise argparse.ArgumentTypeError(f"method must be 'sumo' or 'iwae-K', got {name!r}")
+        return cls(name, int(name[5:]), False)
 
     def estimate(self, log_w: jax.Array, key: jax.Array) -> jax.Array:
         if not self.sumo:
@@ -415,10 +413,27 @@ def strict_json(value):
     return value
 
 
+def method_name(name: str) -> str:
+    """``name`` if it is 'sumo' or 'iwae-K' with K >= 1 (an argparse type)."""
+    if name == "sumo" or (name.startswith("iwae-") and name[5:].isdigit() and int(name[5:]) >= 1):
+        return name
+    raise argparse.ArgumentTypeError(f"must be 'sumo' or 'iwae-K' with K >= 1, got {name!r}")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    parser.add_argument("--methods", nargs="+", default=["iwae-6", "iwae-81", "sumo"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        type=method_name,
+        default=["iwae-6", "iwae-81", "sumo"],
+        metavar="{iwae-K,sumo}",
+        help="how log q(x) is estimated: 'iwae-K' (the IWAE bound with K >= 1 particles) or 'sumo'",
+    )
     parser.add_argument("--steps", type=int, default=3000, help="updates per sampler")
     parser.add_argument("--batch", type=int, default=256, help="x drawn per update")
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")

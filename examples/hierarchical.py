@@ -320,7 +320,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--data", choices=["chem97", "synthetic"], default="chem97")
     parser.add_argument("--steps", type=int, default=20000, help="SVI steps per fit")
     parser.add_argument("--batch", type=int, default=100, help="schools per minibatch")
@@ -334,11 +337,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nuts-schools", type=int, default=150)
     parser.add_argument("--nuts-samples", type=int, default=1000)
     parser.add_argument("--guide", choices=["normal", "mvn"], default="normal")
-    parser.add_argument("--quick", action="store_true", help="a small run (smoke test)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run (smoke test): at most 300 steps per fit, 100 predictive draws, "
+        "S = 100 for log p(y), NUTS on 30 schools with 200 samples, and synthetic data "
+        "of 3,000 students when --data synthetic",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = min(args.steps, 300)
+        args.predictive_draws = min(args.predictive_draws, 100)
+        args.eval_global = min(args.eval_global, 100)
+        args.nuts_schools = min(args.nuts_schools, 30)
+        args.nuts_samples = min(args.nuts_samples, 200)
     global GUIDE
     GUIDE = args.guide
     progress = not args.no_progress

@@ -338,14 +338,22 @@ def train(
     key_init, key = jax.random.split(key)
     state = svi.init(key_init, binarize(train_x[:batch_size], key_init), init_params=init_params)
     start, losses = time.perf_counter(), []
-    bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress)
-    for e in bar:
+    # With a time budget the bar counts seconds of it, not epochs that will not run.
+    timed = minutes is not None
+    total = round(60 * minutes) if timed else epochs
+    unit = "s" if timed else "epoch"
+    bar = tqdm(total=total, desc="train", unit=unit, disable=not progress)
+    for e in range(epochs):
         elapsed = time.perf_counter() - start
-        if minutes is not None and e > 0 and elapsed + elapsed / e > 60 * minutes:
+        if timed and e > 0 and elapsed + elapsed / e > 60 * minutes:
             break
         state, loss = epoch(state, train_x, jax.random.fold_in(key, e))
         losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.2f}")
+        if timed:
+            bar.update(min(round(time.perf_counter() - start), total) - bar.n)
+        else:
+            bar.update(1)
+        bar.set_postfix(epoch=e + 1, loss=f"{losses[-1]:.2f}")
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"training loss became {losses[-1]} in epoch {e + 1}.")
     bar.close()

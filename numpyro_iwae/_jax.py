@@ -113,6 +113,10 @@ def hoist_closure(fn: Callable, *args: Any) -> tuple[Callable, list[Any]]:
     traced = [isinstance(c, jax.core.Tracer) for c in closed.consts]
     hoisted = [c for c, t in zip(closed.consts, traced) if t]
     kept = [c for c, t in zip(closed.consts, traced) if not t]
+    # Only the open jaxpr is kept: the closed one holds the hoisted tracers, and a
+    # custom_vjp's backward pass that kept it alive would leak them past their trace.
+    jaxpr = closed.jaxpr
+    del closed
     out_tree = jax.tree.structure(out_shape)
     num_args = len(args)
 
@@ -120,7 +124,7 @@ def hoist_closure(fn: Callable, *args: Any) -> tuple[Callable, list[Any]]:
         args, lifted = args_and_hoisted[:num_args], iter(args_and_hoisted[num_args:])
         kept_iter = iter(kept)
         consts = [next(lifted) if t else next(kept_iter) for t in traced]
-        out = jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, consts))(*jax.tree.leaves(args))
+        out = jaxpr_as_fun(ClosedJaxpr(jaxpr, consts))(*jax.tree.leaves(args))
         return jax.tree.unflatten(out_tree, out)
 
     return converted, hoisted

@@ -31,7 +31,8 @@ def test_funnel_example_smoke(tmp_path, capsys):
     result = funnel.main(argv + ["--no-progress", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "funnel.json").read_text())
     assert (tmp_path / "funnel.png").stat().st_size > 0
-    assert saved["log_z"] == 0.0 and len(saved["fits"]) == 2
+    assert "NUTS reference (300)" in (tmp_path / "funnel_table.rst").read_text()
+    assert saved["log_z"] == 0.0 and len(saved["fits"]) == 2 and saved["seconds"] > 0
     assert len(saved["nuts"]["v_quantiles"]) == len(saved["quantiles"])
     for fit in result["fits"]:
         assert not fit["diverged"]

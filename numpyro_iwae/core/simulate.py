@@ -17,17 +17,22 @@ import jax.numpy as jnp
 from numpyro.handlers import seed, substitute, trace
 from numpyro.primitives import Messenger
 
-__all__ = ["Simulation", "simulate"]
+__all__ = ["Unconditioned", "swap_observations", "Simulation", "simulate"]
 
 
-class _Unobserved(Messenger):
-    """Draw observed sites from their distribution; record their names."""
+class Unconditioned(Messenger):
+    """Draw the model's observed sites from their distributions, remembering each site's
+    given value (the object the model passed as ``obs``) in ``given``.
+
+    :raises ValueError: at a factor (``numpyro.factor``), which has no distribution.
+    """
 
     def __init__(self, fn: Callable) -> None:
         self.given: dict[str, Any] = {}
         super().__init__(fn)
 
     def process_message(self, msg: dict[str, Any]) -> None:
+        """Release an observed site (its value drawn downstream), after recording it."""
         if msg["type"] == "sample" and msg["is_observed"]:
             if type(msg["fn"]).__name__ == "Unit":
                 raise ValueError(
@@ -56,23 +61,32 @@ class Simulation(NamedTuple):
     given: dict[str, Any]
 
     def arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """``args`` and ``kwargs`` with every array that held an observed site's data
-        (the same array, or equal values of the same shape) replaced by the simulated
-        data, so that a guide reading the data from its arguments sees what the model
-        is conditioned on.
+        """``args`` and ``kwargs`` with the simulated data in place of the given data
+        (:func:`swap_observations`), so that a guide reading the data from its
+        arguments sees what the model is conditioned on.
         """
+        args, kwargs, _ = swap_observations(self.observed, self.given, args, kwargs)
+        return args, kwargs
 
-        def swap(leaf: Any) -> Any:
-            for name, given in self.given.items():
-                if leaf is given or (
-                    hasattr(leaf, "shape")
-                    and jnp.shape(leaf) == jnp.shape(given)
-                    and bool(jnp.all(jnp.asarray(leaf) == jnp.asarray(given)))
-                ):
-                    return self.observed[name]
-            return leaf
 
-        return jax.tree.map(swap, (args, kwargs))
+def swap_observations(
+    drawn: Mapping[str, Any], given: Mapping[str, Any], args: tuple, kwargs: Mapping[str, Any]
+) -> tuple[tuple, dict[str, Any], list[str]]:
+    """``args`` and ``kwargs`` with every argument that the model passed unchanged as an
+    observed site's ``obs`` (the same object, ``given[site]``) replaced by the value
+    ``drawn[site]``, cast to the argument's dtype; also the sites no argument held (their
+    value was indexed, reshaped or computed).
+    """
+    leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))
+    unmatched = []
+    for name, original in given.items():
+        found = [i for i, leaf in enumerate(leaves) if leaf is original]
+        if not found:
+            unmatched.append(name)
+        for i in found:
+            leaves[i] = jnp.asarray(drawn[name], jnp.result_type(leaves[i]))
+    new_args, new_kwargs = jax.tree.unflatten(treedef, leaves)
+    return new_args, new_kwargs, unmatched
 
 
 def simulate(
@@ -92,7 +106,7 @@ def simulate(
 
     :raises ValueError: if an observed site is a factor, or nothing is observed.
     """
-    unobserved = _Unobserved(substitute(model, data=dict(params)))
+    unobserved = Unconditioned(substitute(model, data=dict(params)))
     tr = trace(seed(unobserved, key)).get_trace(*args, **kwargs)
     if not unobserved.given:
         raise ValueError(

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import log_density
-from numpyro.primitives import Messenger
 
 from numpyro_iwae._jax import check_positive_int, check_real, map_particles
 from numpyro_iwae.core.plates import PlateStructure, accumulate, sample_sites
 from numpyro_iwae.core.program import ModelOutput, Program
+from numpyro_iwae.core.simulate import Unconditioned, swap_observations
 from numpyro_iwae.core.stages import log_ratio
 from numpyro_iwae.maths.bounds import iwae_bound
 from numpyro_iwae.maths.surrogates import wake_phi_surrogate, zero_valued
@@ -44,22 +44,6 @@ __all__ = ["SleepInputs", "default_sleep_inputs", "ReweightedWakeSleep"]
 SleepInputs = Callable[[dict[str, jax.Array], tuple, dict[str, Any]], tuple[tuple, dict]]
 
 
-class _Uncondition(Messenger):
-    """Turns the model's observed sites into sampled ones, remembering each site's
-    observed value (the object the model passed as ``obs``).
-    """
-
-    def __init__(self, fn: Callable) -> None:
-        self.observed: dict[str, Any] = {}
-        super().__init__(fn)
-
-    def process_message(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "sample" and msg["is_observed"]:
-            self.observed[msg["name"]] = msg["value"]
-            msg["value"] = None
-            msg["is_observed"] = False
-
-
 def default_sleep_inputs(
     observations: dict[str, jax.Array],
     originals: dict[str, Any],
@@ -71,21 +55,16 @@ def default_sleep_inputs(
     value drawn for that site. An observed site whose value is not an argument (it
     was indexed, reshaped, computed) is an error: say how with ``sleep_inputs``.
     """
-    leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))
-    for name, original in originals.items():
-        found = [i for i, leaf in enumerate(leaves) if leaf is original]
-        if not found:
-            raise ValueError(
-                "ReweightedWakeSleep's sleep phase (insomnia < 1) runs the guide on "
-                "observations drawn from the model, but the observed site "
-                f"{name!r} does not take its value unchanged from an argument of the "
-                "model (it is indexed, reshaped or computed), so the guide's arguments "
-                "for a drawn value are unknown. Pass sleep_inputs=f(observations, args, "
-                "kwargs) -> (args, kwargs), or use insomnia=1."
-            )
-        for i in found:
-            leaves[i] = jnp.asarray(observations[name], jnp.result_type(leaves[i]))
-    new_args, new_kwargs = jax.tree.unflatten(treedef, leaves)
+    new_args, new_kwargs, unmatched = swap_observations(observations, originals, args, kwargs)
+    if unmatched:
+        raise ValueError(
+            "ReweightedWakeSleep's sleep phase (insomnia < 1) runs the guide on "
+            "observations drawn from the model, but the observed site "
+            f"{unmatched[0]!r} does not take its value unchanged from an argument of the "
+            "model (it is indexed, reshaped or computed), so the guide's arguments "
+            "for a drawn value are unknown. Pass sleep_inputs=f(observations, args, "
+            "kwargs) -> (args, kwargs), or use insomnia=1."
+        )
     return new_args, new_kwargs
 
 
@@ -331,17 +310,17 @@ class ReweightedWakeSleep(Objective):
 
         def one(key: jax.Array) -> jax.Array:
             model_key, guide_key = jax.random.split(key)
-            unconditioned = _Uncondition(substitute(program.model, data=param_map))
+            unconditioned = Unconditioned(substitute(program.model, data=param_map))
             tr = trace(seed(unconditioned, model_key)).get_trace(*program.args, **program.kwargs)
             drawn = {
                 name: sg(site["value"])
                 for name, site in tr.items()
-                if site["type"] in ("sample", "plate") and name not in unconditioned.observed
+                if site["type"] in ("sample", "plate") and name not in unconditioned.given
             }
-            observations = {name: sg(tr[name]["value"]) for name in unconditioned.observed}
+            observations = {name: sg(tr[name]["value"]) for name in unconditioned.given}
             if self.sleep_inputs is None:
                 args, kwargs = default_sleep_inputs(
-                    observations, unconditioned.observed, program.args, program.kwargs
+                    observations, unconditioned.given, program.args, program.kwargs
                 )
             else:
                 args, kwargs = self.sleep_inputs(
