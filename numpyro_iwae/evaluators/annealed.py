@@ -16,8 +16,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from numpyro_iwae._jax import check_positive_int
+from numpyro_iwae._jax import Static, check_positive_int
 from numpyro_iwae.core.annealing import AnnealedDensity
+from numpyro_iwae.core.draw import log_weights_with_keys, split_keys
 from numpyro_iwae.core.plates import PlateStructure
 from numpyro_iwae.core.program import Program
 from numpyro_iwae.evaluators.base import Evaluator
@@ -25,7 +26,13 @@ from numpyro_iwae.evaluators.importance import ChunkLogW, ImportanceSampling
 from numpyro_iwae.maths.ais import AISResult, ais_log_weights, sigmoid_schedule
 from numpyro_iwae.maths.bounds import nan_to_neginf
 
-__all__ = ["AnnealedImportanceSampling", "check_hmc_options", "annealed_run", "pilot_step_sizes"]
+__all__ = [
+    "AnnealedImportanceSampling",
+    "check_hmc_options",
+    "annealed_run",
+    "annealed_setup",
+    "pilot_step_sizes",
+]
 
 
 def check_hmc_options(
@@ -38,6 +45,24 @@ def check_hmc_options(
     if not float(step_size) > 0:
         raise ValueError(f"step_size must be positive, got {step_size!r}.")
     return leapfrog_steps, float(step_size), check_positive_int(pilot_particles, "pilot_particles")
+
+
+def annealed_setup(
+    ev: Evaluator, rng_key: jax.Array, values: dict, dynamic: list, static: Static
+) -> tuple[AnnealedDensity, jax.Array, dict[str, jax.Array]]:
+    """What an evaluator that moves the guide's draws (tempered SMC, reverse annealing)
+    needs from its call: the annealed density of the program with its plates seeded,
+    a ``(model key, guide key)`` pair for it, and the NaN-data flags of one
+    importance-sampling draw (the plate names recorded for the error message).
+    """
+    args, kwargs = static.merge(dynamic)
+    plate_key, keys = split_keys(rng_key, 1)
+    program = Program(ev.model, ev.guide, args, kwargs).with_seeded_plates(plate_key)
+    structure = ev._structure(program, values, keys[0])
+    _, _, output = log_weights_with_keys(program, values, keys[:1], ev._vectorize, structure)
+    nan_data = {n: jnp.any(v, axis=0) for n, v in output.nan_data.items()}
+    ev._plate_names[static] = {n: structure.names for n in nan_data}
+    return AnnealedDensity(program, values, structure, keys[0][1]), keys[0], nan_data
 
 
 def annealed_run(

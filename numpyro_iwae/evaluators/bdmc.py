@@ -22,24 +22,25 @@ standard error measures the chains' spread only.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 import warnings
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp
 from numpyro.handlers import condition
 
 from numpyro_iwae._jax import Static, check_positive_int
-from numpyro_iwae.core.annealing import AnnealedDensity
-from numpyro_iwae.core.draw import log_weights_with_keys, split_keys
-from numpyro_iwae.core.program import Program
 from numpyro_iwae.core.simulate import Simulation, simulate
-from numpyro_iwae.evaluators.annealed import annealed_run, check_hmc_options, pilot_step_sizes
+from numpyro_iwae.evaluators.annealed import (
+    annealed_run,
+    annealed_setup,
+    check_hmc_options,
+    pilot_step_sizes,
+)
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.marginal import MarginalLikelihood
-from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
+from numpyro_iwae.evaluators.results import LogMarginalEstimate
+from numpyro_iwae.evaluators.smc import replicate_estimate
 from numpyro_iwae.maths.ais import sigmoid_schedule
 
 __all__ = ["BidirectionalMC", "EvidenceSandwich"]
@@ -89,25 +90,17 @@ class _ReverseAnnealing(Evaluator):
         self, rng_key: jax.Array, values: dict, dynamic: list, static: Static
     ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
         owner = self.owner
-        args, kwargs = static.merge(dynamic)
-        plate_key, keys = split_keys(rng_key, owner.num_chains)
-        program = Program(self.model, self.guide, args, kwargs).with_seeded_plates(plate_key)
-        structure = self._structure(program, values, keys[0])
-        _, _, output = log_weights_with_keys(program, values, keys[:1], self._vectorize, structure)
-        nan_data = {n: jnp.any(v, axis=0) for n, v in output.nan_data.items()}
-        self._plate_names[static] = {n: structure.names for n in nan_data}
-        density = AnnealedDensity(program, values, structure, keys[0][1])
+        density, (model_key, _), nan_data = annealed_setup(self, rng_key, values, dynamic, static)
         missing = sorted(set(density.sites) - set(self.latents))
         if missing:
             raise ValueError(
                 f"The guide draws {missing}, which the model's simulation did not produce: "
                 "reverse annealing starts from the model's latents in the guide's "
                 "coordinates, so every random draw of the guide must be a latent site of "
-                "the model of the same name (AutoNormal, AutoLaplace-free mean-field and "
-                "hand-written guides are; AutoContinuous guides draw '_auto_latent')."
+                "the model of the same name (AutoNormal and hand-written guides are; "
+                "AutoContinuous guides draw '_auto_latent')."
             )
         u_star = {n: t.inv(self.latents[n]) for n, t in density.transforms.items()}
-        model_key = keys[0][0]
         betas = sigmoid_schedule(owner.annealing_steps + 1)
         pilot_key = jax.random.fold_in(rng_key, 7)
         step_sizes = pilot_step_sizes(
@@ -141,22 +134,11 @@ class _ReverseAnnealing(Evaluator):
 def upper_estimate(log_w_reverse: jax.Array) -> LogMarginalEstimate:
     r"""The upper bound from K reverse log weights per element, ``(K, *elements)``:
     :math:`-\log \frac1K \sum_k w_k`, with the delta-method standard error of the mean
-    weight (NaN for one chain).
+    weight (NaN for one chain): the replicates' estimate of
+    :func:`~numpyro_iwae.evaluators.smc.replicate_estimate`, negated.
     """
-    k = log_w_reverse.shape[0]
-    pointwise = -(logsumexp(log_w_reverse, axis=0) - math.log(k))
-    w = jnp.exp(log_w_reverse - jnp.max(log_w_reverse, axis=0))
-    ess = jnp.sum(w, axis=0) ** 2 / jnp.sum(w**2, axis=0)
-    relative_var = jnp.var(w, axis=0, ddof=min(k - 1, 1)) / jnp.mean(w, axis=0) ** 2 / k
-    stderr, pointwise_stderr = standard_errors(relative_var, k)
-    return LogMarginalEstimate(
-        log_marginal=jnp.sum(pointwise),
-        pointwise=pointwise,
-        stderr=stderr,
-        pointwise_stderr=pointwise_stderr,
-        ess=ess,
-        k_hat=jnp.full(pointwise.shape, jnp.nan, pointwise.dtype),
-    )
+    est = replicate_estimate(log_w_reverse)
+    return est._replace(log_marginal=-est.log_marginal, pointwise=-est.pointwise)
 
 
 class BidirectionalMC:

@@ -27,10 +27,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from numpyro_iwae._jax import Static, check_positive_int
-from numpyro_iwae.core.annealing import AnnealedDensity
-from numpyro_iwae.core.draw import log_weights_with_keys, split_keys
-from numpyro_iwae.core.program import Program
-from numpyro_iwae.evaluators.annealed import check_hmc_options
+from numpyro_iwae.evaluators.annealed import annealed_setup, check_hmc_options
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
 from numpyro_iwae.maths.smc import GAP_FRACTION, LOCAL_SPREAD, tempered_smc
@@ -155,16 +152,7 @@ class TemperedSMC(Evaluator):
     def _evaluate_traced(
         self, rng_key: jax.Array, values: dict, dynamic: list, static: Static
     ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
-        args, kwargs = static.merge(dynamic)
-        plate_key, keys = split_keys(rng_key, self.num_particles)
-        program = Program(self.model, self.guide, args, kwargs).with_seeded_plates(plate_key)
-        structure = self._structure(program, values, keys[0])
-        # NaN data shows in one importance-sampling draw.
-        _, _, output = log_weights_with_keys(program, values, keys[:1], self._vectorize, structure)
-        nan_data = {n: jnp.any(v, axis=0) for n, v in output.nan_data.items()}
-        self._plate_names[static] = {n: structure.names for n in nan_data}
-        density = AnnealedDensity(program, values, structure, keys[0][1])
-        model_key = keys[0][0]
+        density, (model_key, _), nan_data = annealed_setup(self, rng_key, values, dynamic, static)
 
         def replicate(key: jax.Array) -> tuple[jax.Array, jax.Array]:
             init_key, run_key = jax.random.split(key)
