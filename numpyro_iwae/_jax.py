@@ -19,6 +19,13 @@ from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 import jax.numpy as jnp
 import numpy as np
 
+try:  # public from JAX 0.11
+    from jax.interpreters.partial_eval import convert_constvars_jaxpr as _convert_constvars_jaxpr
+except ImportError:  # JAX 0.10
+    from jax._src.interpreters.partial_eval import (
+        convert_constvars_jaxpr as _convert_constvars_jaxpr,
+    )
+
 __all__ = [
     "check_positive_int",
     "check_vectorize",
@@ -113,9 +120,11 @@ def hoist_closure(fn: Callable, *args: Any) -> tuple[Callable, list[Any]]:
     traced = [isinstance(c, jax.core.Tracer) for c in closed.consts]
     hoisted = [c for c, t in zip(closed.consts, traced) if t]
     kept = [c for c, t in zip(closed.consts, traced) if not t]
-    # Only the open jaxpr is kept: the closed one holds the hoisted tracers, and a
-    # custom_vjp's backward pass that kept it alive would leak them past their trace.
-    jaxpr = closed.jaxpr
+    # The consts become leading inputs of a jaxpr that holds none: the closed jaxpr
+    # holds the hoisted tracers (and from JAX 0.11 the open one does too), and a
+    # custom_vjp's backward pass that kept either alive would leak them past their
+    # trace.
+    jaxpr = _convert_constvars_jaxpr(closed.jaxpr)
     del closed
     out_tree = jax.tree.structure(out_shape)
     num_args = len(args)
@@ -124,7 +133,7 @@ def hoist_closure(fn: Callable, *args: Any) -> tuple[Callable, list[Any]]:
         args, lifted = args_and_hoisted[:num_args], iter(args_and_hoisted[num_args:])
         kept_iter = iter(kept)
         consts = [next(lifted) if t else next(kept_iter) for t in traced]
-        out = jaxpr_as_fun(ClosedJaxpr(jaxpr, consts))(*jax.tree.leaves(args))
+        out = jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*consts, *jax.tree.leaves(args))
         return jax.tree.unflatten(out_tree, out)
 
     return converted, hoisted

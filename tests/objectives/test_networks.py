@@ -97,12 +97,6 @@ def test_nnx_and_equinox_networks_train_without_leaks(name):
     assert stats.shape == (H,) and bool(jnp.any(stats != stats_before))
 
 
-@pytest.mark.xfail(
-    tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11),
-    reason="on JAX 0.12 the guard's hoisted jaxpr still holds the hoisted tracers (a leak "
-    "found in CI's second leg; fixed for 0.10 only, open in issue 28)",
-    strict=False,
-)
 def test_the_evaluator_reads_the_networks_and_their_state():
     svi = SVI(model, guide, optax.adam(1e-2), IWELBO(4))
     result = svi.run(jax.random.key(0), 20, X, progress_bar=False)
