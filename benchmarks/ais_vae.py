@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     vae = load_example("vae")
     data = vae.load_mnist(args.data, "static", seed=args.seed)
     x = jnp.asarray(vae.random_rows(data.test, args.images, args.seed + 1))
-    model, guide = vae.make_vae(vae.ARCHITECTURES[args.layers])
+    model, guide = vae.make_vae(vae.ARCHITECTURES[args.layers], vae.network_of(args.params))
     params = vae.load_params(args.params, vae.fresh_params(model, guide))
     load = os.getloadavg()[0]
     key = jax.random.key(args.seed)

@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     vae = load_example("vae")
     data = vae.load_mnist(args.data, "static", seed=args.seed)
     x_test = jnp.asarray(vae.random_rows(data.test, args.images, args.seed + 1))
-    model, guide = vae.make_vae(vae.ARCHITECTURES[args.layers])
+    model, guide = vae.make_vae(vae.ARCHITECTURES[args.layers], vae.network_of(args.params))
     params = vae.load_params(args.params, vae.fresh_params(model, guide))
     load = os.getloadavg()[0]
     bdmc = BidirectionalMC(

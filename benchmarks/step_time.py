@@ -81,17 +81,17 @@ def _normal_log_prob(z, loc, log_scale):
     )
 
 
-def hand_vae_loss(arch, params, key, x, k):
+def hand_vae_loss(arch, nets, params, key, x, k):
     """-(IWAE bound) of the L-layer VAE, written directly in JAX: the reference.
 
-    Every network sees a 2-d matrix (all K x B particles at once), which is faster
-    than a 3-d input to ``stax.Dense``.
+    The networks are ``nets`` (examples/vae.py's, in the library being timed), called
+    with ``params`` as ``SVI.get_params`` holds them. Every network sees a 2-d matrix
+    (all K x B particles at once), which is faster than a 3-d input to ``stax.Dense``.
     """
-    nets = vae_example.networks(arch)
     depth = len(arch.latents)
 
     def apply(name, h):
-        out = nets[name][1](params[name], h.reshape(-1, h.shape[-1]))
+        out = vae_example.apply_network(nets, params, name, h.reshape(-1, h.shape[-1]))
         return out.reshape(h.shape[:-1] + out.shape[-1:])
 
     log_q = log_p = 0.0
@@ -116,10 +116,9 @@ def vae_flops(arch, batch: int, k: int) -> float:
     """Matmul FLOPs of one step: forward plus backward (2x forward) passes. The first
     encoder runs once per image, every other network once per particle."""
     total = 0
-    for name, (init, _, size) in vae_example.networks(arch).items():
+    for name, net in vae_example.networks(arch, "stax").items():
         width = arch.hidden[int(name[-1])]
-        out = init(jax.random.key(0), (1, size))[0][-1]
-        macs = size * width + width * width + width * out
+        macs = net.size_in * width + width * width + width * net.size_out
         total += (batch if name == "encoder0" else k * batch) * macs
     return 3 * 2 * total
 
@@ -275,26 +274,50 @@ def without_conditional(stepper: Stepper) -> Stepper:
     return stepper
 
 
+def with_select(stepper: Stepper) -> Stepper:
+    """``stepper`` with every ``lax.cond`` traced in its step computing both branches
+    and selecting (``jnp.where``): the guard's exact answer without a conditional, so
+    without a host round trip on a GPU, at the price of its second backward pass in
+    every step. A candidate formulation of the guard, timed."""
+    step = stepper._step
+
+    def select(pred, true_fn, false_fn, *operands):
+        t, f = true_fn(*operands), false_fn(*operands)
+        return jax.tree.map(lambda a, b: jnp.where(pred, a, b), t, f)
+
+    def both(state):
+        with mock.patch.object(jax.lax, "cond", select):
+            return step(state)
+
+    stepper._step = both
+    return stepper
+
+
 def vae_case(
-    layers: int, batch: int, k: int, rounds: int, target_s: float, guard_ablation: bool = False
+    layers: int,
+    batch: int,
+    k: int,
+    rounds: int,
+    target_s: float,
+    guard_ablation: bool = False,
+    network: str = "nnx",
 ) -> dict:
     arch = vae_example.ARCHITECTURES[layers]
-    model, guide = vae_example.make_vae(arch)
+    model, guide = vae_example.make_vae(arch, network)
+    nets = vae_example.networks(arch, network)
     x = (jax.random.uniform(jax.random.key(1), (batch, PIXELS)) < 0.3).astype(jnp.float32)
-    params = {
-        name: init(jax.random.key(2 + j), (1, size))[1]
-        for j, (name, (init, _, size)) in enumerate(vae_example.networks(arch).items())
-    }
+    params = vae_example.fresh_params(model, guide)
     steppers = {
         "iwelbo": svi_stepper(model, guide, IWELBO(k), x),
         "iwelbo_stl": svi_stepper(model, guide, IWELBO(k, gradient_estimator="stl"), x),
         "iwelbo_dreg": svi_stepper(model, guide, IWELBO(k, gradient_estimator="dreg"), x),
         "renyi": svi_stepper(model, guide, RenyiELBO(alpha=0, num_particles=k), x),
-        "hand": hand_stepper(lambda p, key, x: hand_vae_loss(arch, p, key, x, k), params, x),
+        "hand": hand_stepper(lambda p, key, x: hand_vae_loss(arch, nets, p, key, x, k), params, x),
     }
     if guard_ablation:
         steppers["iwelbo_noguard"] = without_guard(svi_stepper(model, guide, IWELBO(k), x))
         steppers["iwelbo_nocond"] = without_conditional(svi_stepper(model, guide, IWELBO(k), x))
+        steppers["iwelbo_select"] = with_select(svi_stepper(model, guide, IWELBO(k), x))
     return time_interleaved(steppers, rounds, target_s)
 
 
@@ -331,6 +354,13 @@ def main(argv=None) -> dict:
         help="also time IWELBO with the zero-weight guard removed (prices the guard)",
     )
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--networks",
+        nargs="+",
+        choices=vae_example.NETWORKS,
+        default=["nnx", "eqx"],
+        help="how the VAE's networks are written (examples/vae.py --network)",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50], help="VAE particles")
     parser.add_argument(
@@ -346,6 +376,7 @@ def main(argv=None) -> dict:
         args.results_md = None
     rounds, target = (3, 0.05) if args.quick else (args.rounds, args.chunk_seconds)
 
+    load = os.getloadavg()
     machine = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -359,33 +390,40 @@ def main(argv=None) -> dict:
         machine["matmul_gflops_highest"] = matmul_gflops(precision=jax.lax.Precision.HIGHEST)
     print(f"float32 matmul rate: {machine['matmul_gflops']:.1f} GFLOP/s on {machine['device']}")
     rows = []
-    for layers in args.layers:
-        arch = vae_example.ARCHITECTURES[layers]
-        for batch in args.batches:
-            for k in args.ks:
-                t = vae_case(layers, batch, k, rounds, target, args.guard_ablation)
-                gflops = vae_flops(arch, batch, k) / t["iwelbo"] / 1e9
-                rows.append(
-                    {
-                        "workload": "vae",
-                        "layers": layers,
-                        "batch": batch,
-                        "k": k,
-                        **t,
-                        "iwelbo_gflops": gflops,
-                        "matmul_fraction": gflops / machine["matmul_gflops"],
-                    }
-                )
-                print(
-                    f"vae L={layers} batch={batch:<4} K={k:<4} "
-                    + report(t)
-                    + f"  {gflops:.1f} GFLOP/s"
-                )
+    for network in args.networks:
+        for layers in args.layers:
+            arch = vae_example.ARCHITECTURES[layers]
+            for batch in args.batches:
+                for k in args.ks:
+                    t = vae_case(layers, batch, k, rounds, target, args.guard_ablation, network)
+                    gflops = vae_flops(arch, batch, k) / t["iwelbo"] / 1e9
+                    rows.append(
+                        {
+                            "workload": "vae",
+                            "network": network,
+                            "layers": layers,
+                            "batch": batch,
+                            "k": k,
+                            **t,
+                            "iwelbo_gflops": gflops,
+                            "matmul_fraction": gflops / machine["matmul_gflops"],
+                        }
+                    )
+                    print(
+                        f"vae {network:4} L={layers} batch={batch:<4} K={k:<4} "
+                        + report(t)
+                        + f"  {gflops:.1f} GFLOP/s"
+                    )
     for k in args.funnel_ks:
         t = funnel_case(k, rounds, target)
         rows.append({"workload": "funnel", "batch": None, "k": k, **t})
         print(f"funnel          K={k:<4} " + report(t))
-    result = {"machine": machine, "rounds": rounds, "rows": rows}
+    result = {
+        "machine": machine,
+        "load_average": {"start": load, "end": os.getloadavg()},
+        "rounds": rounds,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     if args.results_md is not None:
@@ -408,6 +446,7 @@ def report(t: dict) -> str:
     if "iwelbo_noguard" in t:
         line += f"  guard {t['iwelbo'] / t['iwelbo_noguard']:.3f}"
         line += f"  its conditional {t['iwelbo'] / t['iwelbo_nocond']:.3f}"
+        line += f"  both branches/guard {t['iwelbo_select'] / t['iwelbo']:.3f}"
     if "hand_numpyro_keys" in t:
         line += f"  iwelbo/hand_numpyro_keys {t['iwelbo'] / t['hand_numpyro_keys']:.3f}"
     return line
@@ -423,8 +462,14 @@ def markdown(result: dict) -> str:
     )
     out = [
         f"Machine: {where}, JAX {m['jax']}, "
-        f"NumPyro {m['numpyro']}, {result['rounds']} interleaved rounds, medians. "
-        f"Measured float32 matmul rate: **{m['matmul_gflops']:.0f} GFLOP/s**"
+        f"NumPyro {m['numpyro']}, {result['rounds']} interleaved rounds, medians"
+        + (
+            f", load average {result['load_average']['start'][0]:.2f} at the start and "
+            f"{result['load_average']['end'][0]:.2f} at the end. "
+            if "load_average" in result
+            else ". "
+        )
+        + f"Measured float32 matmul rate: **{m['matmul_gflops']:.0f} GFLOP/s**"
         + (
             f" at JAX's default precision ({m['matmul_gflops_highest']:.0f} GFLOP/s at "
             "precision HIGHEST, true float32)."
@@ -433,18 +478,20 @@ def markdown(result: dict) -> str:
         ),
         "",
         "VAE (Burda et al.'s architectures: 1 stochastic layer 784-200-200-50, 2 layers "
-        "with 100 and 50 latents; tanh, Bernoulli), ms per SVI step:",
+        "with 100 and 50 latents; tanh, Bernoulli; the networks written in Flax NNX, "
+        "Equinox or stax, the hand-written IWAE calling the same networks), ms per SVI "
+        "step:",
         "",
-        "| layers | batch | K | IWELBO | RenyiELBO | hand JAX | IWELBO / hand | IWELBO / Renyi "
-        "| IWELBO GFLOP/s | of matmul rate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| network | layers | batch | K | IWELBO | RenyiELBO | hand JAX | IWELBO / hand "
+        "| IWELBO / Renyi | IWELBO GFLOP/s | of matmul rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     vae = [r for r in result["rows"] if r["workload"] == "vae"]
     for r in result["rows"]:
         if r["workload"] == "vae":
             out.append(
-                f"| {r['layers']} | {r['batch']} | {r['k']} | {r['iwelbo'] * 1e3:.3f} "
-                f"| {r['renyi'] * 1e3:.3f} "
+                f"| {r.get('network', 'stax')} | {r['layers']} | {r['batch']} | {r['k']} "
+                f"| {r['iwelbo'] * 1e3:.3f} | {r['renyi'] * 1e3:.3f} "
                 f"| {r['hand'] * 1e3:.3f} | {r['iwelbo'] / r['hand']:.3f} "
                 f"| {r['iwelbo'] / r['renyi']:.3f} | {r['iwelbo_gflops']:.0f} "
                 f"| {100 * r['matmul_fraction']:.2g}% |"
@@ -453,14 +500,14 @@ def markdown(result: dict) -> str:
         "",
         "Gradient estimators on the same VAE, ms per SVI step (same interleaved rounds):",
         "",
-        "| layers | batch | K | reparam | STL | DReG | STL / reparam | DReG / reparam "
-        "| DReG / hand JAX IWAE |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| network | layers | batch | K | reparam | STL | DReG | STL / reparam "
+        "| DReG / reparam | DReG / hand JAX IWAE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in vae:
         out.append(
-            f"| {r['layers']} | {r['batch']} | {r['k']} | {r['iwelbo'] * 1e3:.3f} "
-            f"| {r['iwelbo_stl'] * 1e3:.3f} "
+            f"| {r.get('network', 'stax')} | {r['layers']} | {r['batch']} | {r['k']} "
+            f"| {r['iwelbo'] * 1e3:.3f} | {r['iwelbo_stl'] * 1e3:.3f} "
             f"| {r['iwelbo_dreg'] * 1e3:.3f} | {r['iwelbo_stl'] / r['iwelbo']:.3f} "
             f"| {r['iwelbo_dreg'] / r['iwelbo']:.3f} | {r['iwelbo_dreg'] / r['hand']:.3f} |"
         )

@@ -60,19 +60,21 @@ CONVERGENCE_KS = (1, 5, 50, 500, 5000)
 BEGIN, END = "<!-- vae_budget:begin -->", "<!-- vae_budget:end -->"
 
 
-def tag(layers: int, objective: str, k: int, binarization: str) -> str:
-    return f"vae_l{layers}_{objective}_k{k}_{binarization}"
+def tag(layers: int, objective: str, k: int, binarization: str, network: str) -> str:
+    network = load_example("vae").network_tag(network)
+    return f"vae_l{layers}{network}_{objective}_k{k}_{binarization}"
 
 
 def fit(args: argparse.Namespace, layers: int, objective: str, k: int, out: Path, budget: list):
     """Run examples/vae.py for one fit in its own process, unless its JSON exists."""
-    name = tag(layers, objective, k, args.binarization)
+    name = tag(layers, objective, k, args.binarization, args.network)
     if (out / f"{name}.json").exists():
         print(f"{out / name}: already done")
         return
     cmd = [sys.executable, str(ROOT / "examples" / "vae.py"), "--data", str(args.data)]
     cmd += ["--layers", str(layers), "--objective", objective, "--k", str(k), *budget]
-    cmd += ["--binarization", args.binarization, "--out", str(out), "--no-progress"]
+    cmd += ["--binarization", args.binarization, "--network", args.network]
+    cmd += ["--out", str(out), "--no-progress"]
     print(" ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -85,7 +87,7 @@ def run_all(args: argparse.Namespace) -> None:
             fit(args, layers, objective, k, args.out, ["--minutes", str(args.minutes)])
     if args.equal_epochs:
         for layers in args.layers:
-            epochs = load(args.out, layers, "IWAE-50", args.binarization)["epochs"]
+            epochs = load(args.out, layers, "IWAE-50", args.binarization, args.network)["epochs"]
             for _, objective, k in OBJECTIVES[:2]:
                 fit(
                     args, layers, objective, k, args.out / "equal_epochs", ["--epochs", str(epochs)]
@@ -104,7 +106,8 @@ def convergence(out: Path, data: Path, binarization: str, images: int = 1000) ->
         if target.exists():
             continue
         r = json.loads(path.read_text())
-        model, guide = vae.make_vae(vae.ARCHITECTURES[int(path.stem.split("_")[1][1:])])
+        arch = vae.ARCHITECTURES[int(path.stem.split("_")[1][1:])]
+        model, guide = vae.make_vae(arch, vae.network_of(path))
         params = vae.load_params(out / f"{path.stem}_params.npz", vae.fresh_params(model, guide))
         ml = MarginalLikelihood(
             model, guide, params=params, num_particles=5000, return_log_weights=True
@@ -118,10 +121,10 @@ def convergence(out: Path, data: Path, binarization: str, images: int = 1000) ->
         print(f"{path.stem}: " + ", ".join(f"L_{k} = {v:.2f}" for k, v in bounds.items()))
 
 
-def load(out: Path, layers: int, label: str, binarization: str) -> dict | None:
+def load(out: Path, layers: int, label: str, binarization: str, network: str) -> dict | None:
     """The JSON of one fit, or None when it has not run."""
     _, objective, k = next(o for o in OBJECTIVES if o[0] == label)
-    path = out / f"{tag(layers, objective, k, binarization)}.json"
+    path = out / f"{tag(layers, objective, k, binarization, network)}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -146,17 +149,17 @@ HEADER = [
 ]
 
 
-def table(out: Path, binarization: str) -> str:
+def table(out: Path, binarization: str, network: str) -> str:
     """Markdown tables: equal minutes, then equal epochs where those fits exist."""
     minutes = list(HEADER)
     epochs = list(HEADER)
     for layers in (1, 2):
         for label, _, k in OBJECTIVES:
-            r = load(out, layers, label, binarization)
+            r = load(out, layers, label, binarization, network)
             if r is not None:
                 minutes.append(row(r, layers, label, k))
             if label in ("VAE", "IWAE-5"):
-                r = load(out / "equal_epochs", layers, label, binarization)
+                r = load(out / "equal_epochs", layers, label, binarization, network)
             if r is not None:
                 epochs.append(row(r, layers, label, k))
     text = "Equal training time (wall clock, compilation included):\n\n" + "\n".join(minutes)
@@ -169,6 +172,8 @@ def table(out: Path, binarization: str) -> str:
     ]
     for folder, note in ((out, ""), (out / "equal_epochs", ", equal epochs")):
         for path in sorted(folder.glob("vae_l*_convergence.json")):
+            if load_example("vae").network_of(path) != network:
+                continue
             c = json.loads(path.read_text())
             cells = " | ".join(f"{-c['bounds'][str(k)]:.2f}" for k in CONVERGENCE_KS)
             conv.append(f"| {c['tag']}{note} | {cells} |")
@@ -181,11 +186,16 @@ def table(out: Path, binarization: str) -> str:
     return text + "\n"
 
 
-def write_table(out: Path, binarization: str, path: Path) -> None:
+def write_table(out: Path, binarization: str, network: str, path: Path) -> bool:
+    """Replace the generated block of ``path`` with the tables of ``network``'s fits;
+    with none of them in ``out``, leave ``path`` as it is and return False."""
+    if not any(load(out, n, o[0], binarization, network) for n in (1, 2) for o in OBJECTIVES):
+        return False
     text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{table(out, binarization)}{END}{tail}")
+    path.write_text(f"{head}{BEGIN}\n{table(out, binarization, network)}{END}{tail}")
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,6 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget per fit")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--binarization", choices=("static", "dynamic"), default="static")
+    parser.add_argument(
+        "--network",
+        choices=("nnx", "eqx", "stax"),
+        default="nnx",
+        help="vae.py's --network (the recorded tables are stax fits, from before NNX)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "vae")
     parser.add_argument("--results-md", type=Path, default=HERE / "vae_results.md")
     parser.add_argument("--report-only", action="store_true", help="do not train")
@@ -214,8 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         for folder in (args.out, args.out / "equal_epochs"):
             if folder.is_dir():
                 convergence(folder, args.data, args.binarization)
-    write_table(args.out, args.binarization, args.results_md)
-    print(f"updated {args.results_md}")
+    if write_table(args.out, args.binarization, args.network, args.results_md):
+        print(f"updated {args.results_md}")
+    else:
+        print(f"no {args.network} fits in {args.out}: {args.results_md} left as it is")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Amortized VAEs on binarized MNIST: the IWAE paper's experiment (Burda et al., 2016).
 
-Burda et al.'s architectures written as a NumPyro model and guide with
-``numpyro.module`` (``jax.example_libraries.stax``):
+Burda et al.'s architectures written as a NumPyro model and guide whose networks are
+Flax NNX modules (``--network nnx``, the default; NumPyro's ``nnx_module``), Equinox
+modules (``eqx``; ``eqx_module``) or ``jax.example_libraries.stax`` (``stax``;
+``numpyro.module``: the parameters saved by runs before NNX, whose tags have no network):
 
 * one stochastic layer: x -> 200 -> 200 -> z (50), tanh, and the mirror-image decoder;
 * two stochastic layers: x -> 200 -> 200 -> z1 (100) -> 100 -> 100 -> z2 (50), and back;
@@ -40,13 +42,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+import functools
+import importlib.util
 import json
 import math
 from pathlib import Path
 import time
+from typing import Any
 
 import jax
-from jax.example_libraries import stax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -156,8 +160,77 @@ ARCHITECTURES = {
 PRIOR_PROPOSAL = Architecture(latents=(2,), hidden=(200,), encoder=False)
 
 
-def _mlp(width: int, out: int):
-    return stax.serial(stax.Dense(width), stax.Tanh, stax.Dense(width), stax.Tanh, stax.Dense(out))
+#: How the networks are written: Flax NNX (the default), Equinox, or
+#: ``jax.example_libraries.stax`` (the parameters this example saved before NNX).
+NETWORKS = ("nnx", "eqx", "stax")
+
+
+@dataclass(frozen=True)
+class Network:
+    """One tanh MLP, ``size_in -> width -> width -> size_out``, written with ``kind``.
+
+    ``module`` is what NumPyro's wrapper for that library takes: an initialized
+    ``flax.nnx`` module (:func:`numpyro.contrib.module.nnx_module`), an Equinox
+    module (:func:`~numpyro.contrib.module.eqx_module`), or a stax ``(init, apply)``
+    pair (:func:`numpyro.module`).
+    """
+
+    kind: str
+    module: Any
+    size_in: int
+    size_out: int
+
+    def declare(self, name: str) -> Callable[[jax.Array], jax.Array]:
+        """Register the network's parameters under ``name`` in the running model or
+        guide and return it as a function of a (..., size_in) array."""
+        if self.kind == "nnx":
+            from numpyro.contrib.module import nnx_module
+
+            return nnx_module(name, self.module)
+        if self.kind == "eqx":
+            from numpyro.contrib.module import eqx_module
+
+            return _over_rows(eqx_module(name, self.module))
+        return numpyro.module(name, self.module, (1, self.size_in))
+
+
+def _over_rows(fn: Callable) -> Callable:
+    """A function of one vector (an Equinox module) applied to every row of (..., d)."""
+
+    def batched(h: jax.Array) -> jax.Array:
+        out = jax.vmap(fn)(h.reshape(-1, h.shape[-1]))
+        return out.reshape(h.shape[:-1] + out.shape[-1:])
+
+    return batched
+
+
+def _mlp(kind: str, size_in: int, width: int, size_out: int, key: jax.Array) -> Network:
+    """Burda et al.'s network (two tanh layers of ``width``), each library's own
+    way and with its own default initialization."""
+    if kind == "nnx":
+        from flax import nnx
+
+        rngs = nnx.Rngs(params=key)
+        module = nnx.Sequential(
+            nnx.Linear(size_in, width, rngs=rngs),
+            jnp.tanh,
+            nnx.Linear(width, width, rngs=rngs),
+            jnp.tanh,
+            nnx.Linear(width, size_out, rngs=rngs),
+        )
+    elif kind == "eqx":
+        import equinox as eqx
+
+        module = eqx.nn.MLP(size_in, size_out, width, depth=2, activation=jnp.tanh, key=key)
+    elif kind == "stax":
+        from jax.example_libraries import stax
+
+        module = stax.serial(
+            stax.Dense(width), stax.Tanh, stax.Dense(width), stax.Tanh, stax.Dense(size_out)
+        )
+    else:
+        raise ValueError(f"network must be one of {NETWORKS}, not {kind!r}.")
+    return Network(kind, module, size_in, size_out)
 
 
 def _below(arch: Architecture, i: int) -> int:
@@ -165,19 +238,23 @@ def _below(arch: Architecture, i: int) -> int:
     return PIXELS if i == 0 else arch.latents[i - 1]
 
 
-def networks(arch: Architecture) -> dict[str, tuple]:
-    """``{name: (stax init, stax apply, input size)}`` for every network.
+@functools.cache
+def networks(arch: Architecture, kind: str = "nnx", seed: int = 0) -> dict[str, Network]:
+    """``{name: Network}`` for every network of ``arch``, initialized from ``seed``
+    (stax networks are initialized by ``SVI.init``'s key instead).
 
     ``decoder{i}`` maps z_{i+1} to the pixel logits (i = 0) or to the mean and log
     standard deviation of z_i; ``encoder{i}`` maps z_i (x for i = 0) to those of
     z_{i+1}.
     """
-    nets = {}
+    nets, key = {}, jax.random.key(seed)
     for i, (latent, width) in enumerate(zip(arch.latents, arch.hidden, strict=True)):
         below = _below(arch, i)
-        nets[f"decoder{i}"] = (*_mlp(width, below if i == 0 else 2 * below), latent)
+        key, k_dec, k_enc = jax.random.split(key, 3)
+        out = below if i == 0 else 2 * below
+        nets[f"decoder{i}"] = _mlp(kind, latent, width, out, k_dec)
         if arch.encoder:
-            nets[f"encoder{i}"] = (*_mlp(width, 2 * latent), below)
+            nets[f"encoder{i}"] = _mlp(kind, below, width, 2 * latent, k_enc)
     return nets
 
 
@@ -186,18 +263,18 @@ def _gaussian(h: jax.Array) -> dist.Distribution:
     return dist.Normal(loc, jnp.exp(log_scale)).to_event(1)
 
 
-def make_vae(arch: Architecture) -> tuple[Callable, Callable]:
-    """The NumPyro model p(x, z_1..z_L) and guide q(z_1..z_L | x) of ``arch``.
+def make_vae(arch: Architecture, network: str = "nnx", seed: int = 0) -> tuple[Callable, Callable]:
+    """The NumPyro model p(x, z_1..z_L) and guide q(z_1..z_L | x) of ``arch``, with
+    the networks of :func:`networks` written in ``network`` (one of :data:`NETWORKS`).
 
     Both take a (B, 784) batch ``x`` and sample inside a plate ``"data"`` of size B,
     so IWELBO forms one bound per image.
     """
-    nets = networks(arch)
+    nets = networks(arch, network, seed)
     depth = len(arch.latents)
 
     def module(name: str) -> Callable:
-        init, apply, size = nets[name]
-        return numpyro.module(name, (init, apply), (1, size))
+        return nets[name].declare(name)
 
     def model(x: jax.Array) -> None:
         decoders = [module(f"decoder{i}") for i in range(depth)]
@@ -223,19 +300,30 @@ def make_vae(arch: Architecture) -> tuple[Callable, Callable]:
     return model, guide
 
 
-def _apply(arch: Architecture, params: dict, name: str, h: jax.Array) -> jax.Array:
-    return networks(arch)[name][1](params[f"{name}$params"], h)
+def apply_network(nets: dict[str, Network], params: dict, name: str, h: jax.Array) -> jax.Array:
+    """Network ``name`` with the fitted ``params`` (as ``SVI.get_params`` returns
+    them) applied to ``h``, outside any model: the wrapper reads its parameters
+    from ``params`` as it would from the optimizer."""
+    with numpyro.handlers.substitute(data=params):
+        return nets[name].declare(name)(h)
 
 
-def decode_mean(arch: Architecture, params: dict, z: jax.Array) -> jax.Array:
+def decode_mean(
+    arch: Architecture, nets: dict[str, Network], params: dict, z: jax.Array
+) -> jax.Array:
     """Pixel means sigmoid(logits) given the top latent ``z`` (layers below at their means)."""
     for i in reversed(range(1, len(arch.latents))):
-        z = jnp.split(_apply(arch, params, f"decoder{i}", z), 2, axis=-1)[0]
-    return jax.nn.sigmoid(_apply(arch, params, "decoder0", z))
+        z = jnp.split(apply_network(nets, params, f"decoder{i}", z), 2, axis=-1)[0]
+    return jax.nn.sigmoid(apply_network(nets, params, "decoder0", z))
 
 
 def posterior_means(
-    arch: Architecture, params: dict, x: jax.Array, key: jax.Array, num_samples: int = 100
+    arch: Architecture,
+    nets: dict[str, Network],
+    params: dict,
+    x: jax.Array,
+    key: jax.Array,
+    num_samples: int = 100,
 ) -> list[jax.Array]:
     r"""E_q[z_i | x] for every layer, shape (N, latents[i]) each.
 
@@ -244,26 +332,31 @@ def posterior_means(
     draws of the layers below.
     """
     out = []
-    loc, log_scale = jnp.split(_apply(arch, params, "encoder0", x), 2, axis=-1)
+    loc, log_scale = jnp.split(apply_network(nets, params, "encoder0", x), 2, axis=-1)
     out.append(loc)
     for i in range(1, len(arch.latents)):
         key, sub = jax.random.split(key)
         shape = (num_samples,) + loc.shape if i == 1 else loc.shape
         z = loc + jnp.exp(log_scale) * jax.random.normal(sub, shape)
-        loc, log_scale = jnp.split(_apply(arch, params, f"encoder{i}", z), 2, axis=-1)
+        loc, log_scale = jnp.split(apply_network(nets, params, f"encoder{i}", z), 2, axis=-1)
         out.append(loc.mean(0))
     return out
 
 
 def active_units(
-    arch: Architecture, params: dict, x: np.ndarray, key: jax.Array, batch: int = 1000
+    arch: Architecture,
+    nets: dict[str, Network],
+    params: dict,
+    x: np.ndarray,
+    key: jax.Array,
+    batch: int = 1000,
 ) -> list[int]:
     r"""Burda et al.'s count of active units per stochastic layer.
 
     Unit u is active when :math:`A_u = \mathrm{Cov}_x(E_{q(u|x)}[u]) > 10^{-2}`,
     the variance over the images ``x`` of its posterior mean.
     """
-    fn = jax.jit(lambda x, key: posterior_means(arch, params, x, key))
+    fn = jax.jit(lambda x, key: posterior_means(arch, nets, params, x, key))
     means = [fn(x[s : s + batch], jax.random.fold_in(key, s)) for s in range(0, len(x), batch)]
     layers = [np.concatenate([np.asarray(m[i]) for m in means]) for i in range(len(arch.latents))]
     return [int((m.var(axis=0) > ACTIVE_THRESHOLD).sum()) for m in layers]
@@ -379,7 +472,9 @@ def load_params(path: Path, template: dict) -> dict:
         names = sorted(saved.files)
         expected = [f"{i:04d} {jax.tree_util.keystr(p)}" for i, (p, _) in enumerate(leaves)]
         if names != expected:
-            raise ValueError(f"{path} does not hold this architecture's parameters.")
+            raise ValueError(
+                f"{path} does not hold the parameters of this architecture and --network."
+            )
         values = [saved[n] for n in names]
     for name, (_, t), v in zip(names, leaves, values, strict=True):
         if v.shape != t.shape:
@@ -476,17 +571,27 @@ def save_grid(grid: np.ndarray, path: Path) -> None:
     plt.imsave(path, grid, cmap="gray_r", vmin=0.0, vmax=1.0)
 
 
-def pictures(arch: Architecture, params: dict, test: np.ndarray, key, out: Path, tag: str) -> list:
+def pictures(
+    arch: Architecture,
+    nets: dict[str, Network],
+    params: dict,
+    test: np.ndarray,
+    key: jax.Array,
+    out: Path,
+    tag: str,
+) -> list:
     """Write sample and reconstruction grids (or the latent grid for the prior proposal)."""
     written = []
     z = jax.random.normal(key, (100, arch.latents[-1]))
-    save_grid(image_grid(np.asarray(decode_mean(arch, params, z)), 10), out / f"{tag}_samples.png")
+    save_grid(
+        image_grid(np.asarray(decode_mean(arch, nets, params, z)), 10), out / f"{tag}_samples.png"
+    )
     written.append(f"{tag}_samples.png")
     if arch.encoder:
         # Evenly spaced test images: the static test set's rows come grouped by digit.
         x = jnp.asarray(test[np.linspace(0, len(test) - 1, 50).astype(int)])
-        z1 = jnp.split(_apply(arch, params, "encoder0", x), 2, axis=-1)[0]
-        recon = jax.nn.sigmoid(_apply(arch, params, "decoder0", z1))
+        z1 = jnp.split(apply_network(nets, params, "encoder0", x), 2, axis=-1)[0]
+        recon = jax.nn.sigmoid(apply_network(nets, params, "decoder0", z1))
         pairs = np.stack(
             [np.asarray(x).reshape(5, 10, -1), np.asarray(recon).reshape(5, 10, -1)], 1
         )
@@ -497,7 +602,7 @@ def pictures(arch: Architecture, params: dict, test: np.ndarray, key, out: Path,
 
         ticks = ndtri(jnp.linspace(0.03, 0.97, 15))
         z = jnp.stack(jnp.meshgrid(ticks, -ticks, indexing="xy"), -1).reshape(-1, 2)
-        grid = image_grid(np.asarray(decode_mean(arch, params, z)), 15)
+        grid = image_grid(np.asarray(decode_mean(arch, nets, params, z)), 15)
         save_grid(grid, out / f"{tag}_latent_grid.png")
         written.append(f"{tag}_latent_grid.png")
     return written
@@ -544,6 +649,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prior-proposal",
         action="store_true",
         help="2-D latent, no encoder: the guide samples z from the prior (K = 128)",
+    )
+    p.add_argument(
+        "--network",
+        choices=NETWORKS,
+        default="nnx",
+        help="how the networks are written: Flax NNX, Equinox, or stax (to load parameters "
+        "saved by runs before NNX)",
     )
     p.add_argument("--objective", choices=OBJECTIVES, default="iwae", help="training objective")
     p.add_argument(
@@ -623,6 +735,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name} must be a positive number, not {value}")
     if args.epochs < 0 or (args.epochs == 0 and args.params is None):
         p.error("--epochs must be positive (or 0 with --params, to evaluate saved parameters)")
+    library = {"nnx": "flax", "eqx": "equinox"}.get(args.network)
+    if library is not None and importlib.util.find_spec(library) is None:
+        p.error(
+            f"--network {args.network} needs {library}: pip install 'numpyro_iwae[networks]' "
+            "(or --network stax)"
+        )
     if args.objective in ("iwae", "dreg", "stl", "ciwae") and args.k < 2:
         p.error(f"--objective {args.objective} needs --k >= 2 (K = 1 is the ELBO: use elbo)")
     return args
@@ -636,13 +754,27 @@ def random_rows(images: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return images[rows]
 
 
+def network_tag(network: str) -> str:
+    """The part of an output's tag that names the network (none for stax, as
+    before NNX)."""
+    return "" if network == "stax" else f"_{network}"
+
+
+def network_of(path: Path) -> str:
+    """The network of saved parameters, read from the file name that :func:`main`
+    gave them (``vae_l1_nnx_...``; no network named: stax)."""
+    parts = Path(path).name.split("_")
+    return next((n for n in NETWORKS if n in parts), "stax")
+
+
 def tag_of(args: argparse.Namespace) -> str:
     arch = "prior2d" if args.prior_proposal else f"l{args.layers}"
     resumed = "_resumed" if args.params is not None else ""
     extra = {"miwae": f"_m{args.replicates}", "piwae": f"_m{args.replicates}"}.get(
         args.objective, f"_b{args.beta:g}" if args.objective == "ciwae" else ""
     )
-    return f"vae_{arch}_{args.objective}_k{args.k}{extra}_{args.binarization}{resumed}"
+    network = network_tag(args.network)
+    return f"vae_{arch}{network}_{args.objective}_k{args.k}{extra}_{args.binarization}{resumed}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -659,7 +791,7 @@ def main(argv: list[str] | None = None) -> dict:
         data.dynamic,
     )
     arch = PRIOR_PROPOSAL if args.prior_proposal else ARCHITECTURES[args.layers]
-    model, guide = make_vae(arch)
+    model, guide = make_vae(arch, args.network, args.seed)
     steps_per_epoch = len(data.train) // args.batch_size
     lr = burda_schedule(args.lr, steps_per_epoch) if args.schedule == "burda" else args.lr
     objective = make_objective(args.objective, args.k, args.replicates, args.beta)
@@ -708,8 +840,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"L_{k}": test_bound(model, guide, params, data.test, jax.random.fold_in(k_bound, k), k)
         for k in sorted({1, args.k, *args.bound_ks})
     }
-    units = active_units(arch, params, data.test, k_units) if arch.encoder else None
-    written = pictures(arch, params, data.test, k_pics, args.out, tag)
+    nets = networks(arch, args.network, args.seed)
+    units = active_units(arch, nets, params, data.test, k_units) if arch.encoder else None
+    written = pictures(arch, nets, params, data.test, k_pics, args.out, tag)
     result = {
         "tag": tag,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -94,7 +94,7 @@ def test_vae_prior_proposal_smoke(tmp_path):
     argv = ["--data", str(DATA), "--prior-proposal", "--train-size", "500", "--test-size", "50"]
     argv += ["--epochs", "2", "--eval-particles", "200", "--out", str(tmp_path), "--no-progress"]
     result = vae.main(argv)
-    assert result["tag"] == "vae_prior2d_iwae_k128_static" and result["active_units"] is None
+    assert result["tag"] == "vae_prior2d_nnx_iwae_k128_static" and result["active_units"] is None
     assert (tmp_path / f"{result['tag']}_latent_grid.png").stat().st_size > 0
     assert (
         np.isfinite(result["test_nll"])
@@ -237,6 +237,7 @@ def test_funnel_sampler_example_smoke(tmp_path):
         assert 0 <= final["ks_neck"] <= 1
 
 
+@pytest.mark.slow
 def test_galaxy_ordered_means_keep_the_exchangeable_evidence():
     # Two equally weighted unit-variance components, iid N(0, 3^2) means: the evidence by
     # quadrature over both means, against importance sampling of the ordered model.
@@ -311,3 +312,39 @@ def test_galaxy_data_is_roeders_unless_asked():
     y, shipped = galaxy.load_galaxies(), galaxy.load_galaxies(as_shipped=True)
     assert y.shape == (82,) and np.flatnonzero(y != shipped).tolist() == [77]
     assert (y[77], shipped[77]) == (26.96, 26.69)
+
+
+@pytest.mark.parametrize("network", ["nnx", "eqx", "stax"])
+def test_vae_networks_are_one_model_and_their_params_round_trip(network, tmp_path):
+    if network == "nnx":
+        pytest.importorskip("flax.nnx")
+    if network == "eqx":
+        pytest.importorskip("equinox")
+    from numpyro_iwae import IWELBO
+
+    vae = load("vae")
+    arch = vae.ARCHITECTURES[1]
+    model, guide = vae.make_vae(arch, network)
+    nets = vae.networks(arch, network)
+    params = vae.fresh_params(model, guide)
+    assert set(params) == {f"{name}$params" for name in nets}
+    # apply_network reads the parameters it is given, not the module's own: with every
+    # weight and bias zero each network outputs zero.
+    zero = jax.tree.map(jnp.zeros_like, params)
+    h = jnp.ones((3, 50))
+    assert not np.allclose(vae.apply_network(nets, params, "decoder0", h), 0.0)
+    np.testing.assert_array_equal(vae.apply_network(nets, zero, "decoder0", h), 0.0)
+    x = (jax.random.uniform(jax.random.key(0), (4, vae.PIXELS)) < 0.3).astype(jnp.float32)
+    assert np.isfinite(float(IWELBO(3).loss(jax.random.key(1), params, model, guide, x)))
+
+    path = tmp_path / f"vae_l1{vae.network_tag(network)}_iwae_k3_static_params.npz"
+    vae.save_params(path, params)
+    assert vae.network_of(path) == network
+    loaded = vae.load_params(path, vae.fresh_params(model, guide))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = "stax" if network != "stax" else "eqx"
+    if other == "eqx":
+        pytest.importorskip("equinox")
+    with pytest.raises(ValueError, match="--network"):
+        vae.load_params(path, vae.fresh_params(*vae.make_vae(arch, other)))
