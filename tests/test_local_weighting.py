@@ -449,6 +449,7 @@ def test_nested_evidence_needs_global_latents():
         ml(jax.random.key(0), X20)
 
 
+@pytest.mark.slow
 def test_local_weighting_is_spelled_as_on_the_objectives():
     # weighting="local" is the nested estimator num_global_particles implies; "auto"
     # follows the objectives' rule (20 datapoints with local latents: local), and a

@@ -275,6 +275,7 @@ def forward_log_evidence(ys, scale):
     return float(logsumexp(alpha))
 
 
+@pytest.mark.slow
 def test_hmm_without_continuous_latents_is_the_forward_algorithm():
     def no_guide(ys, emit_scale=None):
         pass
@@ -285,6 +286,7 @@ def test_hmm_without_continuous_latents_is_the_forward_algorithm():
     np.testing.assert_allclose(est.log_marginal, forward_log_evidence(YS, 0.7), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_hmm_evidence_matches_the_forward_algorithm_under_quadrature():
     # About the posterior of log scale (mean -0.76, s.d. 0.36 by quadrature), wider.
     def guide(ys, emit_scale=None):
@@ -321,6 +323,7 @@ def scan_hmm(ys, emit_scale=None):
 YSEQ = np.stack([YS, YS[::-1], -YS], -1)  # three sequences of 7 steps
 
 
+@pytest.mark.slow
 def test_scan_hmm_is_the_forward_algorithm_per_sequence():
     def no_guide(ys, emit_scale=None):
         pass
@@ -439,6 +442,7 @@ def masked_forward(probs_x, probs_y, tones, length):
     return float(logsumexp(alpha))
 
 
+@pytest.mark.slow
 def test_numpyro_hmm_example_shape_is_the_forward_algorithm_given_its_globals():
     probs_x = np.array([[0.7, 0.3], [0.2, 0.8]])
     probs_y = np.array([[0.2, 0.6, 0.4], [0.7, 0.1, 0.5]])

@@ -268,6 +268,7 @@ def test_importance_resampling_recovers_the_posterior_per_datapoint():
     assert np.all(np.abs(z.mean(0) - (POST_LOC + 0.3)) > 5 * se)
 
 
+@pytest.mark.slow
 def test_inference_data_keeps_the_diagnostics():
     est = estimate(params(0.3, 1.8), k=500, num_samples=200)
     idata = est.to_inference_data()
@@ -359,6 +360,7 @@ def test_pointwise_stderr_adds_up_to_the_stderr():
     assert np.all(np.isnan(np.asarray(one.pointwise_stderr))) and np.isnan(float(one.stderr))
 
 
+@pytest.mark.slow
 def test_the_kept_largest_weights_are_those_of_all_particles():
     # The PSIS tail is merged once per block of chunks (chunk 3: 1000 particles are
     # 334 chunks, blocks of 128 leave a remainder of 78): the kept weights must be exactly the

@@ -50,6 +50,7 @@ def test_evaluator_is_exact_with_the_exact_posterior():
         assert float(est.stderr) < 1e-5
 
 
+@pytest.mark.slow
 def test_evaluator_is_unbiased_where_iwae_at_its_cost_is_below():
     r = 8000
     est = SUMOMarginal(eval_model, shifted_guide, num_replicates=r)(jax.random.key(4), EVAL_X)

@@ -40,6 +40,7 @@ def test_exact_guide_gives_the_evidence_exactly():
     assert float(est.num_evaluations) == 50 * 2 * (1 + 11 * (1 + 5 * 2 * 6))
 
 
+@pytest.mark.slow
 def test_poor_guide_evidence_within_standard_errors_where_importance_sampling_fails():
     poor = guide_at(0.5, 0.3)  # off centre and too narrow: importance sampling's k-hat > 1
     plain = MarginalLikelihood(model, poor, num_particles=20_000)(jax.random.key(1), X)

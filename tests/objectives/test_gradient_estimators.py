@@ -94,6 +94,7 @@ def test_unbiased_estimators_match_reference_gradient(estimator):
     )
 
 
+@pytest.mark.slow
 def test_stl_is_biased_for_k_above_one():
     reps, k = 3000, 8
     ref = grads(lambda p, key: reference_loss(p, key, k), reps, seed=1)

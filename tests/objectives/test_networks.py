@@ -73,11 +73,9 @@ OBJECTIVES = {
 
 
 # checking_leaks disables JAX's caches, so each objective costs 20-110 s to compile on 2
-# cores: IWELBO runs with the fast tests, the family with the slow ones.
-@pytest.mark.parametrize(
-    "name",
-    [n if n == "iwelbo" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(OBJECTIVES)],
-)
+# cores: they run with the slow tests; the evaluator's test below runs with the fast ones.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_nnx_and_equinox_networks_train_without_leaks(name):
     with jax.checking_leaks():
         svi = SVI(model, guide, optax.adam(1e-2), OBJECTIVES[name]())
