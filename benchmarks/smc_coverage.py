@@ -5,7 +5,13 @@ AIS's 40,000 evaluations per datapoint, at four keys: the share of datapoints wh
 log p(x_n) lies within 2 reported standard errors, and the total's error over its
 standard error.
 
-Run:  python benchmarks/smc_coverage.py        (about 2 minutes on 2 CPU cores)
+``--ladder`` instead runs TemperedSMC (one sweep) at N = 12 .. 200 particles with R = 4
+replicates and at N x R = 200 with R = 4, 8, 16, and reports each configuration's mean
+error per datapoint against its standard errors: which part of the miss is a bias of each
+replicate (shrinking with N) and which the replicates' standard error.
+
+Run:  python benchmarks/smc_coverage.py           (about 2 minutes on 2 CPU cores)
+      python benchmarks/smc_coverage.py --ladder  (writes smc_coverage_ladder.json)
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from numpyro_iwae import MarginalLikelihood, TemperedSMC
 HERE = Path(__file__).resolve().parent
 X = jnp.linspace(-3.0, 3.0, 40)
 EXACT = np.asarray(dist.Normal(0.0, math.sqrt(2.0)).log_prob(X), np.float64)
+LADDER = tuple(
+    {"num_particles": n, "num_replicates": r, "num_moves": 1}
+    for n, r in ((12, 4), (25, 4), (50, 4), (100, 4), (200, 4), (25, 8), (12, 16))
+)
 CONFIGS = (
     {"num_particles": 50, "num_replicates": 4, "num_moves": 1},
     {"num_particles": 32, "num_replicates": 4, "num_moves": 2},
@@ -49,16 +59,21 @@ def guide(x):  # the posterior is N(x / 2, 1 / 2)
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=HERE / "smc_coverage.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--ladder", action="store_true", help="particles against replicates, SMC only"
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = HERE / ("smc_coverage_ladder.json" if args.ladder else "smc_coverage.json")
     load = os.getloadavg()[0]
-    evaluators = {
-        "AIS K=100 T=50": (
+    evaluators = {}
+    if not args.ladder:
+        evaluators["AIS K=100 T=50"] = (
             MarginalLikelihood(model, guide, num_particles=100, annealing_steps=50),
             40_000,
         )
-    }
-    for cfg in CONFIGS:
+    for cfg in LADDER if args.ladder else CONFIGS:
         name = "SMC N={num_particles} R={num_replicates} sweeps={num_moves}".format(**cfg)
         evaluators[name] = (TemperedSMC(model, guide, **cfg), None)
     rows = []
@@ -75,11 +90,15 @@ def main(argv=None) -> dict:
                 "evaluations_per_datapoint": cost,
                 "coverage_2se": float(np.mean(np.abs(pointwise - EXACT) < 2 * se)),
                 "total_error_over_se": float((est.log_marginal - EXACT.sum()) / est.stderr),
+                "mean_error": float(np.mean(pointwise - EXACT)),
+                "rms_error": float(np.sqrt(np.mean((pointwise - EXACT) ** 2))),
+                "rms_stderr": float(np.sqrt(np.mean(se**2))),
             }
             rows.append(row)
             print(
                 f"{name:<28}key {key}  coverage {row['coverage_2se']:.3f}  total "
-                f"{row['total_error_over_se']:+6.2f} s.e.  {cost:8.0f} evaluations/datapoint",
+                f"{row['total_error_over_se']:+6.2f} s.e.  {cost:8.0f} evaluations/datapoint  "
+                f"mean error {row['mean_error']:+.4f}  rms s.e. {row['rms_stderr']:.4f}",
                 flush=True,
             )
     print(f"load average at start {load:.2f}")
