@@ -1,7 +1,8 @@
 """Coverage per datapoint at AIS's cost: the poor-guide linear-Gaussian model of the AIS
 tests (40 datapoints, z_n ~ N(0, 1), x_n ~ N(z_n, 1); a guide 1.1 posterior standard
 deviations off and 0.57 as wide), scored by TemperedSMC in configurations that cost about
-AIS's 40,000 evaluations per datapoint, at four keys: the share of datapoints whose exact
+AIS's 40,000 evaluations per datapoint (with and without a pilot run that fixes the
+replicates' schedule), at four keys: the share of datapoints whose exact
 log p(x_n) lies within 2 reported standard errors, and the total's error over its
 standard error.
 
@@ -42,6 +43,8 @@ CONFIGS = (
     {"num_particles": 50, "num_replicates": 4, "num_moves": 1},
     {"num_particles": 32, "num_replicates": 4, "num_moves": 2},
     {"num_particles": 100, "num_replicates": 2, "num_moves": 1},
+    {"num_particles": 25, "num_replicates": 8, "num_moves": 1, "pilot": True},
+    {"num_particles": 16, "num_replicates": 12, "num_moves": 1, "pilot": True},
 )
 
 
@@ -75,6 +78,7 @@ def main(argv=None) -> dict:
         )
     for cfg in LADDER if args.ladder else CONFIGS:
         name = "SMC N={num_particles} R={num_replicates} sweeps={num_moves}".format(**cfg)
+        name += " pilot" if cfg.get("pilot") else ""
         evaluators[name] = (TemperedSMC(model, guide, **cfg), None)
     rows = []
     for name, (evaluator, cost) in evaluators.items():

@@ -14,7 +14,9 @@ schedule. R independent replicates give
 
     \log \hat p(x_n) = \log \frac1R \sum_{r=1}^R \hat Z_{r,n},
 
-unbiased in :math:`\hat p`, with the delta-method standard error of the replicates' mean.
+with the delta-method standard error of the replicates' mean; :math:`\hat p` is unbiased
+when the replicates replay the schedule of a pilot run (``pilot=True``), and biased by
+roughly :math:`1/N` when each adapts from its own particles.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from numpyro_iwae._jax import Static, check_positive_int
 from numpyro_iwae.evaluators.annealed import annealed_setup, check_hmc_options
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
-from numpyro_iwae.maths.smc import GAP_FRACTION, LOCAL_SPREAD, tempered_smc
+from numpyro_iwae.maths.smc import (
+    GAP_FRACTION,
+    LOCAL_SPREAD,
+    SMCResult,
+    SMCSchedule,
+    tempered_smc,
+)
 
 __all__ = ["TemperedSMC"]
 
@@ -74,6 +82,11 @@ class TemperedSMC(Evaluator):
         CESS allows: with a guide lighter-tailed than the posterior the tempered targets'
         tails open only near :math:`\beta = 1`, where no particle is yet to show it
         (0: the CESS alone decides).
+    :param pilot: first run one adaptive pass (its estimate unused) and give every
+        replicate its temperatures, resampling steps, step sizes and mass matrices.
+        Adapted from its own particles, each replicate's :math:`\hat Z` is biased low,
+        by roughly :math:`1/N`; replaying a schedule fixed in advance makes it unbiased
+        (one run more in ``num_evaluations``).
     :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood` (the N
         particles of a replicate are held together; replicates run one after another).
     :param vectorize_particles: how particles are mapped (``True``: :func:`jax.vmap`).
@@ -113,6 +126,7 @@ class TemperedSMC(Evaluator):
         max_temperatures: int = 1000,
         local_spread: float | None = LOCAL_SPREAD,
         gap_fraction: float = GAP_FRACTION,
+        pilot: bool = False,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         vectorize_particles: Any = True,
     ) -> None:
@@ -141,6 +155,9 @@ class TemperedSMC(Evaluator):
         if not 0.0 <= float(gap_fraction) < 1.0:
             raise ValueError(f"gap_fraction must lie in [0, 1), got {gap_fraction!r}.")
         self.gap_fraction = float(gap_fraction)
+        if not isinstance(pilot, bool):
+            raise TypeError(f"pilot must be True or False, got {pilot!r}.")
+        self.pilot = pilot
 
     def __call__(self, rng_key: jax.Array, *args: Any, **kwargs: Any) -> LogMarginalEstimate:
         """Estimate ``log p(x)`` for the data in ``args``/``kwargs``.
@@ -154,10 +171,10 @@ class TemperedSMC(Evaluator):
     ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
         density, (model_key, _), nan_data = annealed_setup(self, rng_key, values, dynamic, static)
 
-        def replicate(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def run(key: jax.Array, schedule: SMCSchedule | None = None) -> SMCResult:
             init_key, run_key = jax.random.split(key)
             u0 = self._vectorize(density.init, jax.random.split(init_key, self.num_particles))
-            result = tempered_smc(
+            return tempered_smc(
                 run_key,
                 u0,
                 lambda u: density.log_densities(u, model_key),
@@ -171,17 +188,28 @@ class TemperedSMC(Evaluator):
                 max_temperatures=self.max_temperatures,
                 local_spread=self.local_spread,
                 gap_fraction=self.gap_fraction,
+                schedule=schedule,
             )
+
+        schedule, pilot_temperatures = None, 0.0
+        if self.pilot:
+            pilot = run(jax.random.fold_in(rng_key, 4))
+            schedule, pilot_temperatures = pilot.schedule, pilot.num_temperatures
+
+        def replicate(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+            result = run(key, schedule)
             return result.log_z, result.num_temperatures
 
         run_keys = jax.random.split(jax.random.fold_in(rng_key, 3), self.num_replicates)
         log_z, temperatures = jax.lax.map(replicate, run_keys)  # (R, *elements)
         # Per particle: the first densities, then per temperature the densities for the
-        # weights and every transition's L + 1 gradients.
+        # weights and every transition's L + 1 gradients; the pilot run's too.
         transitions = self.num_moves * (1 if self.local_spread is None else 2)
         per_temperature = 1 + transitions * (self.leapfrog_steps + 1)
         temperatures = temperatures.astype(jnp.float32)  # counts past int32 at scale
-        evaluations = self.num_particles * jnp.sum(1 + temperatures * per_temperature, axis=0)
+        runs = self.num_replicates + (1 if self.pilot else 0)
+        steps = jnp.sum(temperatures, axis=0) + jnp.asarray(pilot_temperatures, jnp.float32)
+        evaluations = self.num_particles * (runs + steps * per_temperature)
         return replicate_estimate(log_z)._replace(num_evaluations=evaluations), nan_data
 
 

@@ -16,10 +16,12 @@ The evidence estimate
         \exp\big((\beta_t - \beta_{t-1}) [\log p - \log q](u^{(i)}_{t-1})\big)
 
 (normalized weights :math:`W_{t-1}`) is unbiased for :math:`Z_p / Z_q` in
-:math:`\hat Z` (Del Moral, Doucet & Jasra 2006, *Sequential Monte Carlo samplers*, JRSS B
-68). Like :mod:`numpyro_iwae.maths.ais` this knows nothing about NumPyro: a state is a
-pytree whose leaves have a leading particle axis, and ``element_sum`` /
-``element_expand`` say how the rest of each leaf splits into plate elements.
+:math:`\hat Z` when the temperatures and kernels are fixed in advance (Del Moral, Doucet &
+Jasra 2006, *Sequential Monte Carlo samplers*, JRSS B 68): a run can record what it
+adapted (:class:`SMCSchedule`) for later runs to replay. Like
+:mod:`numpyro_iwae.maths.ais` this knows nothing about NumPyro: a state is a pytree whose
+leaves have a leading particle axis, and ``element_sum`` / ``element_expand`` say how the
+rest of each leaf splits into plate elements.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "next_temperature",
     "systematic_indices",
     "SMCResult",
+    "SMCSchedule",
     "tempered_smc",
 ]
 
@@ -112,6 +115,30 @@ def systematic_indices(key: jax.Array, log_w: jax.Array) -> jax.Array:
     return jnp.minimum(idx.T.reshape((n,) + elements), n - 1)
 
 
+class SMCSchedule(NamedTuple):
+    r"""What an adaptive run chose, step by step, to be replayed by later runs.
+
+    Row ``t`` of each array is tempering step ``t``; rows past a run's last step are
+    never read.
+
+    Attributes:
+        betas: :math:`\beta_t` per element, ``(max_temperatures, *elements)``.
+        resample: whether step ``t`` resampled, per element.
+        step_sizes: the cloud's step size of step ``t``'s moves, per element.
+        scales: the diagonal mass matrix of step ``t``'s moves (the cloud's standard
+            deviations): a pytree like one particle's state, each leaf with a leading
+            ``max_temperatures`` axis.
+        num_steps: the steps the run took (its slowest element's).
+
+    """
+
+    betas: jax.Array
+    resample: jax.Array
+    step_sizes: jax.Array
+    scales: Any
+    num_steps: jax.Array
+
+
 class SMCResult(NamedTuple):
     r"""What :func:`tempered_smc` returns.
 
@@ -121,6 +148,8 @@ class SMCResult(NamedTuple):
         u: the final particles (weighted by ``log_w``).
         log_w: their normalized log weights, ``(N, *elements)``.
         acceptance: the mean HMC acceptance over the run, per element.
+        schedule: the temperatures, resampling steps and kernels the run used
+            (:class:`SMCSchedule`), to run again with ``schedule=``.
 
     """
 
@@ -129,6 +158,7 @@ class SMCResult(NamedTuple):
     u: Any
     log_w: jax.Array
     acceptance: jax.Array
+    schedule: SMCSchedule
 
 
 def tempered_smc(
@@ -146,6 +176,7 @@ def tempered_smc(
     max_temperatures: int = 1000,
     local_spread: float | None = LOCAL_SPREAD,
     gap_fraction: float = GAP_FRACTION,
+    schedule: SMCSchedule | None = None,
 ) -> SMCResult:
     r"""One adaptive tempered SMC run per element from particles ``u0`` drawn from q.
 
@@ -180,6 +211,12 @@ def tempered_smc(
         target's tails open only as :math:`\beta \to 1` (for a Gaussian guide out to
         about :math:`(1 - \beta)^{-1/2}` scales), where no particle is yet to tell the
         CESS; a few geometric steps let the moves carry particles out.
+    :param schedule: replay the temperatures, resampling steps, step sizes and mass
+        matrices of an earlier run (its ``SMCResult.schedule``) instead of adapting
+        them from this run's particles. Adapted from the particles it then weights, a
+        run's :math:`\hat Z` is biased (low, by roughly :math:`1/N`); with a schedule
+        fixed in advance it is unbiased (Del Moral, Doucet & Jasra 2006). The options
+        that shape the adaptation are then ignored.
     """
     densities = jax.vmap(log_densities)
     log_q0, log_p0 = densities(u0)
@@ -187,11 +224,13 @@ def tempered_smc(
     elements = log_q0.shape[1:]
     init_w = jnp.full((n, *elements), -jnp.log(n))
 
-    def move(key: jax.Array, u: Any, beta: jax.Array, eps: jax.Array) -> tuple:
+    def cloud_scale(u: Any) -> Any:
         # A diagonal mass matrix from the cloud: HMC on u / scale, scale the particles'
         # standard deviation per coordinate (they are equally weighted after resampling
         # or nearly so; the moves leave gamma_beta invariant whatever the scale).
-        scale = jax.tree.map(lambda leaf: jnp.maximum(jnp.std(leaf, axis=0), 1e-6), u)
+        return jax.tree.map(lambda leaf: jnp.maximum(jnp.std(leaf, axis=0), 1e-6), u)
+
+    def move(key: jax.Array, u: Any, beta: jax.Array, eps: jax.Array, scale: Any) -> tuple:
 
         def log_gamma(v: Any) -> jax.Array:
             log_q, log_p = log_densities(jax.tree.map(jnp.multiply, v, scale))
@@ -223,28 +262,36 @@ def tempered_smc(
         eps = jnp.clip(eps * jnp.exp(2.0 * (accept - TARGET_ACCEPTANCE)), 1e-3, 2.0)
         return jax.tree.map(jnp.multiply, v, scale), eps, accept
 
+    last_step = max_temperatures if schedule is None else schedule.num_steps
+
     def unfinished(carry: tuple) -> jax.Array:
         beta, steps = carry[0], carry[5]
-        return jnp.any(beta < 1.0) & (steps < max_temperatures)
+        return jnp.any(beta < 1.0) & (steps < last_step)
 
     def step(carry: tuple) -> tuple:
-        beta, u, log_w, log_z, eps, steps, counts, accept_sum, key = carry
+        beta, u, log_w, log_z, eps, steps, counts, accept_sum, key, record = carry
         key, k_resample, k_move = jax.random.split(key, 3)
         log_q, log_p = densities(u)
         ratio = jnp.where(jnp.isfinite(log_p - log_q), log_p - log_q, -jnp.inf)
-        new_beta = next_temperature(beta, log_w, ratio, target_ess)
-        # Keep a fraction of the remaining 1 - beta per step (down to GAP_FLOOR), so
-        # that tails the guide keeps closed until beta is near 1 open over several steps.
-        slowest = jnp.where(1.0 - beta > GAP_FLOOR, 1.0 - (1.0 - beta) * gap_fraction, 1.0)
-        new_beta = jnp.minimum(new_beta, slowest)
+        if schedule is None:
+            new_beta = next_temperature(beta, log_w, ratio, target_ess)
+            # Keep a fraction of the remaining 1 - beta per step (down to GAP_FLOOR), so
+            # that tails the guide keeps closed until beta is near 1 open over several
+            # steps.
+            slowest = jnp.where(1.0 - beta > GAP_FLOOR, 1.0 - (1.0 - beta) * gap_fraction, 1.0)
+            new_beta = jnp.minimum(new_beta, slowest)
+        else:
+            new_beta = schedule.betas[steps]
         delta = new_beta - beta
         increment = logsumexp(log_w + delta * ratio, axis=0)
         log_z = log_z + jnp.where(delta > 0, increment, 0.0)
         log_w = log_w + delta * ratio
         log_w = log_w - logsumexp(log_w, axis=0)
-        ess = jnp.exp(-logsumexp(2 * log_w, axis=0)) / n
         indices = systematic_indices(k_resample, log_w)
-        resample = ess < resample_ess
+        if schedule is None:
+            resample = jnp.exp(-logsumexp(2 * log_w, axis=0)) / n < resample_ess
+        else:
+            resample = schedule.resample[steps]
 
         one = jax.tree.map(lambda leaf: leaf[0], u)
         laid = jax.vmap(element_expand, in_axes=(0, None))(indices, one)
@@ -258,7 +305,19 @@ def tempered_smc(
             flags,
         )
         log_w = jnp.where(resample, -jnp.log(n), log_w)
-        u, eps, accept = move(k_move, u, new_beta, eps)
+        if schedule is None:
+            scale = cloud_scale(u)
+        else:
+            eps = schedule.step_sizes[steps]
+            scale = jax.tree.map(lambda leaf: leaf[steps], schedule.scales)
+        betas, resampled, step_sizes, scales = record
+        record = (
+            betas.at[steps].set(new_beta),
+            resampled.at[steps].set(resample),
+            step_sizes.at[steps].set(eps),
+            jax.tree.map(lambda rows, leaf: rows.at[steps].set(leaf), scales, scale),
+        )
+        u, eps, accept = move(k_move, u, new_beta, eps, scale)
         active = delta > 0
         return (
             new_beta,
@@ -270,9 +329,18 @@ def tempered_smc(
             counts + active,
             accept_sum + jnp.where(active, accept, 0.0),
             key,
+            record,
         )
 
     zeros = jnp.zeros(elements)
+    rows = max_temperatures if schedule is None else schedule.betas.shape[0]
+    one = jax.tree.map(lambda leaf: leaf[0], u0)
+    record = (
+        jnp.ones((rows, *elements)),
+        jnp.zeros((rows, *elements), bool),
+        jnp.zeros((rows, *elements)),
+        jax.tree.map(lambda leaf: jnp.ones((rows, *leaf.shape), leaf.dtype), one),
+    )
     carry = (
         zeros,
         u0,
@@ -283,7 +351,11 @@ def tempered_smc(
         jnp.zeros(elements, jnp.int32),
         zeros,
         key,
+        record,
     )
-    beta, u, log_w, log_z, _, _, counts, accept_sum, _ = jax.lax.while_loop(unfinished, step, carry)
+    beta, u, log_w, log_z, _, steps, counts, accept_sum, _, record = jax.lax.while_loop(
+        unfinished, step, carry
+    )
     log_z = jnp.where(beta < 1.0, jnp.nan, log_z)
-    return SMCResult(log_z, counts, u, log_w, accept_sum / jnp.maximum(counts, 1))
+    used = SMCSchedule(*record, num_steps=steps)
+    return SMCResult(log_z, counts, u, log_w, accept_sum / jnp.maximum(counts, 1), used)
