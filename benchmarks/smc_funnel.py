@@ -55,6 +55,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--ais-leapfrog", type=int, default=5)
     parser.add_argument("--max-is-draws", type=int, default=20_000_000)
     parser.add_argument("--smc-only", action="store_true")
+    parser.add_argument(
+        "--pilot", action="store_true", help="TemperedSMC(pilot=True): replicates replay a pilot"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "smc_funnel.json")
     args = parser.parse_args(argv)
     funnel = load_example("funnel").funnel
@@ -74,6 +77,7 @@ def main(argv=None) -> dict:
             num_moves=args.moves,
             leapfrog_steps=args.leapfrog,
             target_ess=args.target_ess,
+            pilot=args.pilot,
         )
         est, seconds = timed(smc, jax.random.key(1))
         evaluations = float(est.num_evaluations)
@@ -99,7 +103,8 @@ def main(argv=None) -> dict:
                 flush=True,
             )
 
-        record("SMC", est, seconds, f"N={args.particles} R={args.replicates}", evaluations)
+        pilot = " pilot" if args.pilot else ""
+        record("SMC", est, seconds, f"N={args.particles} R={args.replicates}{pilot}", evaluations)
         if args.smc_only:
             continue
         per_particle = args.ais_leapfrog + 3
