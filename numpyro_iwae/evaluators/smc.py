@@ -84,11 +84,12 @@ class TemperedSMC(Evaluator):
         (0: the CESS alone decides).
     :param pilot: first run one adaptive pass (its estimate unused) and give every
         replicate its temperatures, resampling steps, step sizes and mass matrices.
-        Adapted from its own particles, each replicate's :math:`\hat Z` is biased low,
-        by roughly :math:`1/N`; replaying a schedule fixed in advance makes it unbiased
-        (one run more in ``num_evaluations``), but not robust: a replicate whose
-        particles go where the pilot's did not (a funnel's neck) can take temperature
-        steps far too large for them and swamp the others (read ``ess``).
+        Adapted from its own particles, each replicate's :math:`\hat Z` is biased, by
+        roughly :math:`1/N` and in either direction; replaying a schedule fixed in
+        advance makes it unbiased (one run more in ``num_evaluations``), but not
+        robust: a replicate whose particles go where the pilot's did not (a funnel's
+        neck) can take temperature steps far too large for them and swamp the others
+        (read ``ess``).
     :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood` (the N
         particles of a replicate are held together; replicates run one after another).
     :param vectorize_particles: how particles are mapped (``True``: :func:`jax.vmap`).

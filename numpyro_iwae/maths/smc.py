@@ -214,9 +214,9 @@ def tempered_smc(
     :param schedule: replay the temperatures, resampling steps, step sizes and mass
         matrices of an earlier run (its ``SMCResult.schedule``) instead of adapting
         them from this run's particles. Adapted from the particles it then weights, a
-        run's :math:`\hat Z` is biased (low, by roughly :math:`1/N`); with a schedule
-        fixed in advance it is unbiased (Del Moral, Doucet & Jasra 2006). The options
-        that shape the adaptation are then ignored.
+        run's :math:`\hat Z` is biased, by roughly :math:`1/N` and in either direction;
+        with a schedule fixed in advance it is unbiased (Del Moral, Doucet & Jasra
+        2006). The options that shape the adaptation are then ignored.
     """
     densities = jax.vmap(log_densities)
     log_q0, log_p0 = densities(u0)
