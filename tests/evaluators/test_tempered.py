@@ -27,6 +27,21 @@ def guide_at(loc_shift, scale):
     return guide
 
 
+def local_model(x):
+    """The same model with a plate over the datapoints: one system per datapoint."""
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def local_guide_at(loc_shift, scale):
+    def guide(x):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(x / 2 + loc_shift, scale))
+
+    return guide
+
+
 def test_exact_guide_gives_the_evidence_exactly():
     est = TemperedSMC(model, guide_at(0.0, 0.5**0.5), num_particles=50, num_replicates=2)(
         jax.random.key(0), X
@@ -64,16 +79,7 @@ def test_poor_guide_evidence_within_standard_errors_where_importance_sampling_fa
 
 @pytest.mark.slow
 def test_each_datapoint_runs_its_own_system():
-    def local_model(x):
-        with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-            numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def local_guide(x):
-        with numpyro.plate("data", x.shape[0]):
-            numpyro.sample("z", dist.Normal(x / 2 - 0.4, 0.35))
-
-    est = TemperedSMC(local_model, local_guide, num_particles=400, num_replicates=6)(
+    est = TemperedSMC(local_model, local_guide_at(-0.4, 0.35), num_particles=400, num_replicates=6)(
         jax.random.key(3), X
     )
     assert est.pointwise.shape == (D,)
@@ -109,18 +115,13 @@ def test_a_pilot_removes_the_bias_per_datapoint():
     # the total lies within 3 standard errors of the exact one.
     x = jnp.linspace(-3.0, 3.0, 40)
     exact = np.asarray(dist.Normal(0.0, 2**0.5).log_prob(x), np.float64)
-
-    def local_model(x):
-        with numpyro.plate("n", x.shape[0]):
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-            numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def local_guide(x):
-        with numpyro.plate("n", x.shape[0]):
-            numpyro.sample("z", dist.Normal(x / 2 + 0.8, 0.4))
-
     smc = TemperedSMC(
-        local_model, local_guide, num_particles=25, num_replicates=8, num_moves=1, pilot=True
+        local_model,
+        local_guide_at(0.8, 0.4),
+        num_particles=25,
+        num_replicates=8,
+        num_moves=1,
+        pilot=True,
     )
     est = smc(jax.random.key(0), x)
     assert float(np.mean(np.asarray(est.num_evaluations))) < 40_000
