@@ -25,6 +25,8 @@ from pathlib import Path
 import subprocess
 import sys
 
+from examples_loader import load_example
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -47,7 +49,7 @@ TAGS = [
 
 
 def tags(network: str) -> list[str]:
-    suffix = "" if network == "stax" else f"_{network}"
+    suffix = load_example("vae").network_tag(network)
     return [f"vae_l1{suffix}_{t}" for t in TAGS]
 
 
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument(
         "--network",
-        choices=("nnx", "eqx", "stax"),
+        choices=load_example("vae").NETWORKS,
         default="nnx",
         help="vae.py's --network (the recorded table is of stax fits, from before NNX)",
     )

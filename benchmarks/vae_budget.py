@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--binarization", choices=("static", "dynamic"), default="static")
     parser.add_argument(
         "--network",
-        choices=("nnx", "eqx", "stax"),
+        choices=load_example("vae").NETWORKS,
         default="nnx",
         help="vae.py's --network (the recorded tables are stax fits, from before NNX)",
     )
