@@ -223,6 +223,11 @@ def tempered_smc(
     n = log_q0.shape[0]
     elements = log_q0.shape[1:]
     init_w = jnp.full((n, *elements), -jnp.log(n))
+    if schedule is not None and schedule.betas.shape[1:] != elements:
+        raise ValueError(
+            f"schedule is of a run with elements of shape {schedule.betas.shape[1:]}, "
+            f"these particles have {elements}: replay a schedule on the data it was made on."
+        )
 
     def cloud_scale(u: Any) -> Any:
         # A diagonal mass matrix from the cloud: HMC on u / scale, scale the particles'

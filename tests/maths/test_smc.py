@@ -104,6 +104,9 @@ def test_a_replayed_schedule_is_the_run_it_came_from():
     # The same run up to float32 rounding (two compilations), which an HMC accept
     # decision can amplify.
     np.testing.assert_allclose(again.log_z, first.log_z, atol=0.05)
+    other = first.schedule._replace(betas=first.schedule.betas[:, :2])
+    with pytest.raises(ValueError, match="schedule is of a run with elements of shape"):
+        run(jax.random.key(5), n=50, schedule=other)
 
 
 @pytest.mark.slow
