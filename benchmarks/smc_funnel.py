@@ -29,6 +29,7 @@ import optax
 from recording import versions
 
 from numpyro_iwae import IWELBO, MarginalLikelihood, TemperedSMC
+from numpyro_iwae.maths.smc import GAP_FRACTION
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,6 +52,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--moves", type=int, default=10, help="SMC sweeps per temperature")
     parser.add_argument("--leapfrog", type=int, default=30)
     parser.add_argument("--target-ess", type=float, default=0.99)
+    parser.add_argument("--gap-fraction", type=float, default=GAP_FRACTION)
+    parser.add_argument("--fits", nargs="+", choices=("elbo", "iwelbo"), default=["elbo", "iwelbo"])
     parser.add_argument("--ais-particles", type=int, default=400)
     parser.add_argument("--ais-leapfrog", type=int, default=5)
     parser.add_argument("--max-is-draws", type=int, default=20_000_000)
@@ -63,8 +66,11 @@ def main(argv=None) -> dict:
     funnel = load_example("funnel").funnel
     load = os.getloadavg()[0]
     rows = []
-    fits = (("ELBO", Trace_ELBO()), ("IWELBO K=10 DReG", IWELBO(10, gradient_estimator="dreg")))
-    for name, elbo in fits:
+    fits = {
+        "elbo": ("ELBO", Trace_ELBO()),
+        "iwelbo": ("IWELBO K=10 DReG", IWELBO(10, gradient_estimator="dreg")),
+    }
+    for name, elbo in (fits[f] for f in args.fits):
         guide = AutoNormal(funnel)
         svi = SVI(funnel, guide, optax.adam(5e-3), elbo)
         params = svi.run(jax.random.key(0), args.fit_steps, progress_bar=False).params
@@ -77,6 +83,7 @@ def main(argv=None) -> dict:
             num_moves=args.moves,
             leapfrog_steps=args.leapfrog,
             target_ess=args.target_ess,
+            gap_fraction=args.gap_fraction,
             pilot=args.pilot,
         )
         est, seconds = timed(smc, jax.random.key(1))

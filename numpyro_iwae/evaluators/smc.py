@@ -14,8 +14,10 @@ schedule. R independent replicates give
 
     \log \hat p(x_n) = \log \frac1R \sum_{r=1}^R \hat Z_{r,n},
 
-with the delta-method standard error of the replicates' mean; :math:`\hat p` is unbiased
-when the replicates replay the schedule of a pilot run (``pilot=True``), and biased by
+with the delta-method standard error of the replicates' mean, its variance estimated
+from each run's own particle genealogy (Lee & Whiteley 2018, *Variance estimation in the
+particle filter*) or from the spread between replicates; :math:`\hat p` is unbiased when
+the replicates replay the schedule of a pilot run (``pilot=True``), and biased by
 roughly :math:`1/N` when each adapts from its own particles.
 """
 
@@ -35,12 +37,15 @@ from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
 from numpyro_iwae.maths.smc import (
     GAP_FRACTION,
     LOCAL_SPREAD,
+    RESAMPLING,
     SMCResult,
     SMCSchedule,
     tempered_smc,
 )
 
 __all__ = ["TemperedSMC"]
+
+VARIANCE_ESTIMATES = ("single_run", "replicates")
 
 
 class TemperedSMC(Evaluator):
@@ -49,16 +54,17 @@ class TemperedSMC(Evaluator):
     Called like :class:`~numpyro_iwae.MarginalLikelihood`:
     ``TemperedSMC(model, guide, params=params)(rng_key, *args, **kwargs)`` returns a
     :class:`~numpyro_iwae.LogMarginalEstimate` whose ``stderr`` comes from the
-    ``num_replicates`` independent runs, ``ess`` is the replicates' effective number
-    (:math:`(\sum_r \hat Z_r)^2 / \sum_r \hat Z_r^2`) and ``k_hat`` is NaN (too few
-    replicates for a tail fit).
+    ``num_replicates`` independent runs (``variance_estimate``), ``ess`` is the
+    replicates' effective number (:math:`(\sum_r \hat Z_r)^2 / \sum_r \hat Z_r^2`) and
+    ``k_hat`` is NaN (too few replicates for a tail fit).
 
     :param model: NumPyro model.
     :param guide: NumPyro guide with continuous random draws (the particles move by HMC).
     :param params: values of the ``param`` sites (``svi_result.params``).
     :param mutable_state: values of the ``mutable`` sites.
     :param num_particles: N, particles per replicate (and per plate element).
-    :param num_replicates: R, independent runs (at least 2 for a standard error).
+    :param num_replicates: R, independent runs (at least 2 for a standard error from
+        their spread; one suffices for the single-run one).
     :param target_ess: the conditional ESS fraction each tempering step keeps
         (closer to 1: more, smaller steps; at 0.5 a guide narrower than the posterior
         left per-datapoint estimates 0.1 low beyond their standard errors in the tests'
@@ -90,6 +96,16 @@ class TemperedSMC(Evaluator):
         robust: a replicate whose particles go where the pilot's did not (a funnel's
         neck) can take temperature steps far too large for them and swamp the others
         (read ``ess``).
+    :param resampling: ``"multinomial"`` (each ancestor drawn independently) or
+        ``"systematic"`` (one uniform per element, Kitagawa 1996).
+    :param variance_estimate: ``"single_run"``: each replicate's own estimate of
+        :math:`\mathrm{Var}(\hat Z_r)` from its particles' genealogy
+        (:func:`~numpyro_iwae.maths.smc.single_run_relative_variance`), pooled over the
+        replicates, :math:`\widehat{\mathrm{Var}}(\bar Z) = \sum_r \hat V_r / R^2`;
+        unbiased under multinomial resampling (required), it has the degrees of freedom
+        of N particles where the replicates' spread has R - 1, and a 2-s.e. interval
+        with few replicates covers as often as it says. ``"replicates"``: the sample
+        variance of the R estimates over R.
     :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood` (the N
         particles of a replicate are held together; replicates run one after another).
     :param vectorize_particles: how particles are mapped (``True``: :func:`jax.vmap`).
@@ -130,6 +146,8 @@ class TemperedSMC(Evaluator):
         local_spread: float | None = LOCAL_SPREAD,
         gap_fraction: float = GAP_FRACTION,
         pilot: bool = False,
+        resampling: str = "multinomial",
+        variance_estimate: str = "single_run",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         vectorize_particles: Any = True,
     ) -> None:
@@ -161,6 +179,20 @@ class TemperedSMC(Evaluator):
         if not isinstance(pilot, bool):
             raise TypeError(f"pilot must be True or False, got {pilot!r}.")
         self.pilot = pilot
+        if resampling not in RESAMPLING:
+            raise ValueError(f"resampling must be one of {sorted(RESAMPLING)}, got {resampling!r}.")
+        self.resampling = resampling
+        if variance_estimate not in VARIANCE_ESTIMATES:
+            raise ValueError(
+                f"variance_estimate must be one of {VARIANCE_ESTIMATES}, got {variance_estimate!r}."
+            )
+        if variance_estimate == "single_run" and resampling != "multinomial":
+            raise ValueError(
+                "variance_estimate='single_run' needs resampling='multinomial' (under "
+                "systematic resampling Lee & Whiteley's estimate is too low); use "
+                "variance_estimate='replicates' with systematic resampling."
+            )
+        self.variance_estimate = variance_estimate
 
     def __call__(self, rng_key: jax.Array, *args: Any, **kwargs: Any) -> LogMarginalEstimate:
         """Estimate ``log p(x)`` for the data in ``args``/``kwargs``.
@@ -192,6 +224,7 @@ class TemperedSMC(Evaluator):
                 local_spread=self.local_spread,
                 gap_fraction=self.gap_fraction,
                 schedule=schedule,
+                resampling=self.resampling,
             )
 
         schedule, pilot_temperatures = None, 0.0
@@ -199,12 +232,12 @@ class TemperedSMC(Evaluator):
             pilot = run(jax.random.fold_in(rng_key, 4))
             schedule, pilot_temperatures = pilot.schedule, pilot.num_temperatures
 
-        def replicate(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def replicate(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
             result = run(key, schedule)
-            return result.log_z, result.num_temperatures
+            return result.log_z, result.num_temperatures, result.relative_variance
 
         run_keys = jax.random.split(jax.random.fold_in(rng_key, 3), self.num_replicates)
-        log_z, temperatures = jax.lax.map(replicate, run_keys)  # (R, *elements)
+        log_z, temperatures, relative_variance = jax.lax.map(replicate, run_keys)  # (R, ...)
         # Per particle: the first densities, then per temperature the densities for the
         # weights and every transition's L + 1 gradients; the pilot run's too.
         transitions = self.num_moves * (1 if self.local_spread is None else 2)
@@ -213,20 +246,36 @@ class TemperedSMC(Evaluator):
         runs = self.num_replicates + (1 if self.pilot else 0)
         steps = jnp.sum(temperatures, axis=0) + jnp.asarray(pilot_temperatures, jnp.float32)
         evaluations = self.num_particles * (runs + steps * per_temperature)
-        return replicate_estimate(log_z)._replace(num_evaluations=evaluations), nan_data
+        single_run = relative_variance if self.variance_estimate == "single_run" else None
+        estimate = replicate_estimate(log_z, single_run)
+        return estimate._replace(num_evaluations=evaluations), nan_data
 
 
-def replicate_estimate(log_z: jax.Array) -> LogMarginalEstimate:
+def replicate_estimate(
+    log_z: jax.Array, single_run: jax.Array | None = None
+) -> LogMarginalEstimate:
     r"""The estimate from R replicates' :math:`\log \hat Z_r` per element: the log of
-    their mean, with the delta-method standard error
-    :math:`\sqrt{\mathrm{Var}(\hat Z) / (R\, \bar Z^2)}` (NaN for one replicate).
+    their mean :math:`\bar Z`, with the delta-method standard error
+    :math:`\sqrt{\widehat{\mathrm{Var}}(\bar Z)} / \bar Z`.
+
+    Without ``single_run`` the variance is the replicates' sample variance over R (NaN
+    for one replicate). With each replicate's own estimate :math:`\hat\rho_r` of
+    :math:`\mathrm{Var}(\hat Z_r) / \hat Z_r^2` (Lee & Whiteley 2018; ``single_run``,
+    shaped like ``log_z``) it is :math:`\sum_r \hat Z_r^2 \hat\rho_r / R^2`: unbiased
+    as each term is, with the many degrees of freedom of N particles rather than the
+    R - 1 of the replicates (floored at 0).
     """
     r = log_z.shape[0]
     pointwise = logsumexp(log_z, axis=0) - math.log(r)
     w = jnp.exp(log_z - jnp.max(log_z, axis=0))
     ess = jnp.sum(w, axis=0) ** 2 / jnp.sum(w**2, axis=0)
-    relative_var = jnp.var(w, axis=0, ddof=min(r - 1, 1)) / jnp.mean(w, axis=0) ** 2 / r
-    stderr, pointwise_stderr = standard_errors(relative_var, r)
+    if single_run is None:
+        relative_var = jnp.var(w, axis=0, ddof=min(r - 1, 1)) / jnp.mean(w, axis=0) ** 2 / r
+        stderr, pointwise_stderr = standard_errors(relative_var, r)
+    else:
+        relative_var = jnp.sum(w**2 * single_run, axis=0) / jnp.sum(w, axis=0) ** 2
+        relative_var = jnp.maximum(relative_var, 0.0)
+        stderr, pointwise_stderr = standard_errors(relative_var, 2)
     return LogMarginalEstimate(
         log_marginal=jnp.sum(pointwise),
         pointwise=pointwise,

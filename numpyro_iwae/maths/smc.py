@@ -6,8 +6,10 @@ The path is :math:`\gamma_\beta = q^{1-\beta} p^{\beta}`, :math:`0 = \beta_0 < \
 effective sample size of the incremental weights falls to a target fraction of the
 particles (bisection; Zhou, Johansen & Aston 2016, *Toward automatic model comparison: an
 adaptive sequential Monte Carlo approach*, JCGS 25), the particles are resampled
-(systematic) when their ESS falls below a threshold, and moved by HMC transitions that
-leave :math:`\gamma_\beta` invariant, the step size adapted from the cloud's acceptance.
+(multinomial or systematic) when their ESS falls below a threshold, and moved by HMC
+transitions that leave :math:`\gamma_\beta` invariant, the step size adapted from the
+cloud's acceptance. Each run also estimates its own :math:`\hat Z`'s variance from the
+particles' genealogy (Lee & Whiteley 2018).
 The evidence estimate
 
 .. math::
@@ -46,10 +48,12 @@ __all__ = [
     "GAP_FLOOR",
     "GAP_FRACTION",
     "LOCAL_SPREAD",
+    "multinomial_indices",
     "next_temperature",
     "systematic_indices",
     "SMCResult",
     "SMCSchedule",
+    "single_run_relative_variance",
     "tempered_smc",
 ]
 
@@ -115,6 +119,59 @@ def systematic_indices(key: jax.Array, log_w: jax.Array) -> jax.Array:
     return jnp.minimum(idx.T.reshape((n,) + elements), n - 1)
 
 
+def single_run_relative_variance(
+    log_w: jax.Array, eve: jax.Array, num_resampled: jax.Array
+) -> jax.Array:
+    r"""Lee & Whiteley's estimate of :math:`\mathrm{Var}(\hat Z) / \hat Z^2` from one SMC
+    run, per element (Lee & Whiteley 2018, *Variance estimation in the particle
+    filter*, Biometrika 105; Chan & Lai 2013):
+
+    .. math::
+
+        \hat V / \hat Z^2 = 1 - \Big(\frac{N}{N-1}\Big)^{m+1}
+            \Big(1 - \sum_j \Big(\sum_{i: E_i = j} W_i\Big)^2\Big),
+
+    :math:`W` the final normalized weights, :math:`E_i` the initial particle that particle
+    :math:`i` descends from (its Eve index) and :math:`m` the number of resampling
+    steps. :math:`\hat Z^2 - \hat V` is unbiased for :math:`Z^2` under multinomial
+    resampling, whatever the Markov moves; without resampling it is the delta-method
+    variance of importance sampling. Under systematic resampling it is too low (each
+    resampling step's count noise, which the :math:`N/(N-1)` factor corrects for, is
+    mostly absent). It degrades as the Eve indices collapse (all particles of one
+    ancestor give 1).
+
+    :param log_w: normalized log weights, ``(N, *elements)``.
+    :param eve: each particle's Eve index, ``(N, *elements)``.
+    :param num_resampled: resampling steps per element.
+
+    >>> import jax.numpy as jnp
+    >>> w = jnp.log(jnp.array([[0.5], [0.25], [0.25]]))  # no resampling: IS's
+    >>> float(single_run_relative_variance(w, jnp.arange(3)[:, None], jnp.zeros(1))[0])
+    0.0625
+    """
+    n = log_w.shape[0]
+    flat_w = jnp.exp(log_w).reshape(n, -1).T
+    flat_eve = eve.reshape(n, -1).T
+    groups = jax.vmap(lambda w, e: jax.ops.segment_sum(w, e, num_segments=n))(flat_w, flat_eve)
+    coincide = jnp.sum(groups**2, axis=1).reshape(log_w.shape[1:])
+    factor = jnp.exp((num_resampled + 1) * jnp.log(n / (n - 1)))
+    return 1.0 - factor * (1.0 - coincide)
+
+
+def multinomial_indices(key: jax.Array, log_w: jax.Array) -> jax.Array:
+    """Multinomial resampling per element: ``(N, *elements)`` ancestor indices, each
+    drawn independently with the normalized weights ``exp(log_w)``.
+    """
+    n = log_w.shape[0]
+    flat = log_w.reshape(n, -1).T
+    keys = jax.random.split(key, flat.shape[0])
+    idx = jax.vmap(lambda k, lw: jax.random.categorical(k, lw, shape=(n,)))(keys, flat)
+    return idx.T.reshape(log_w.shape)
+
+
+RESAMPLING = {"multinomial": multinomial_indices, "systematic": systematic_indices}
+
+
 class SMCSchedule(NamedTuple):
     r"""What an adaptive run chose, step by step, to be replayed by later runs.
 
@@ -150,6 +207,9 @@ class SMCResult(NamedTuple):
         acceptance: the mean HMC acceptance over the run, per element.
         schedule: the temperatures, resampling steps and kernels the run used
             (:class:`SMCSchedule`), to run again with ``schedule=``.
+        relative_variance: the run's own estimate of
+            :math:`\mathrm{Var}(\hat Z) / \hat Z^2` per element
+            (:func:`single_run_relative_variance`).
 
     """
 
@@ -159,6 +219,7 @@ class SMCResult(NamedTuple):
     log_w: jax.Array
     acceptance: jax.Array
     schedule: SMCSchedule
+    relative_variance: jax.Array
 
 
 def tempered_smc(
@@ -177,6 +238,7 @@ def tempered_smc(
     local_spread: float | None = LOCAL_SPREAD,
     gap_fraction: float = GAP_FRACTION,
     schedule: SMCSchedule | None = None,
+    resampling: str = "multinomial",
 ) -> SMCResult:
     r"""One adaptive tempered SMC run per element from particles ``u0`` drawn from q.
 
@@ -189,7 +251,7 @@ def tempered_smc(
         value per element.
     :param element_expand: for one particle, lays a per-element array against every leaf.
     :param target_ess: the conditional ESS fraction each tempering step keeps.
-    :param resample_ess: resample (systematic) when the ESS fraction falls below this.
+    :param resample_ess: resample when the ESS fraction falls below this.
     :param num_moves: sweeps per temperature. A sweep is one HMC transition with the
         cloud's step size and, unless ``local_spread`` is None, one more whose step size
         follows the particle's state (:func:`~numpyro_iwae.maths.ais.hmc_transition`):
@@ -217,7 +279,13 @@ def tempered_smc(
         run's :math:`\hat Z` is biased, by roughly :math:`1/N` and in either direction;
         with a schedule fixed in advance it is unbiased (Del Moral, Doucet & Jasra
         2006). The options that shape the adaptation are then ignored.
+    :param resampling: ``"multinomial"`` (each ancestor drawn independently: the run's
+        ``relative_variance`` is then unbiased) or ``"systematic"`` (one uniform per
+        element; Kitagawa 1996).
     """
+    if resampling not in RESAMPLING:
+        raise ValueError(f"resampling must be one of {sorted(RESAMPLING)}, got {resampling!r}.")
+    resample_indices = RESAMPLING[resampling]
     densities = jax.vmap(log_densities)
     log_q0, log_p0 = densities(u0)
     n = log_q0.shape[0]
@@ -274,7 +342,8 @@ def tempered_smc(
         return jnp.any(beta < 1.0) & (steps < last_step)
 
     def step(carry: tuple) -> tuple:
-        beta, u, log_w, log_z, eps, steps, counts, accept_sum, key, record = carry
+        beta, u, log_w, log_z, eps, steps, counts, accept_sum, key, record = carry[:10]
+        eve, num_resampled = carry[10:]
         key, k_resample, k_move = jax.random.split(key, 3)
         log_q, log_p = densities(u)
         ratio = jnp.where(jnp.isfinite(log_p - log_q), log_p - log_q, -jnp.inf)
@@ -292,7 +361,7 @@ def tempered_smc(
         log_z = log_z + jnp.where(delta > 0, increment, 0.0)
         log_w = log_w + delta * ratio
         log_w = log_w - logsumexp(log_w, axis=0)
-        indices = systematic_indices(k_resample, log_w)
+        indices = resample_indices(k_resample, log_w)
         if schedule is None:
             resample = jnp.exp(-logsumexp(2 * log_w, axis=0)) / n < resample_ess
         else:
@@ -310,6 +379,8 @@ def tempered_smc(
             flags,
         )
         log_w = jnp.where(resample, -jnp.log(n), log_w)
+        eve = jnp.where(resample, jnp.take_along_axis(eve, indices, axis=0), eve)
+        num_resampled = num_resampled + resample
         if schedule is None:
             scale = cloud_scale(u)
         else:
@@ -335,6 +406,8 @@ def tempered_smc(
             accept_sum + jnp.where(active, accept, 0.0),
             key,
             record,
+            eve,
+            num_resampled,
         )
 
     zeros = jnp.zeros(elements)
@@ -357,10 +430,14 @@ def tempered_smc(
         zeros,
         key,
         record,
+        jnp.broadcast_to(jnp.arange(n).reshape((n,) + (1,) * len(elements)), init_w.shape),
+        jnp.zeros(elements, jnp.int32),
     )
-    beta, u, log_w, log_z, _, steps, counts, accept_sum, _, record = jax.lax.while_loop(
-        unfinished, step, carry
+    beta, u, log_w, log_z, _, steps, counts, accept_sum, _, record, eve, num_resampled = (
+        jax.lax.while_loop(unfinished, step, carry)
     )
     log_z = jnp.where(beta < 1.0, jnp.nan, log_z)
     used = SMCSchedule(*record, num_steps=steps)
-    return SMCResult(log_z, counts, u, log_w, accept_sum / jnp.maximum(counts, 1), used)
+    acceptance = accept_sum / jnp.maximum(counts, 1)
+    relative_variance = single_run_relative_variance(log_w, eve, num_resampled)
+    return SMCResult(log_z, counts, u, log_w, acceptance, used, relative_variance)

@@ -98,6 +98,9 @@ def test_each_datapoint_runs_its_own_system():
         ({"num_moves": 0}, "num_moves"),
         ({"step_size": -1.0}, "step_size"),
         ({"local_spread": 0.0}, "local_spread"),
+        ({"resampling": "stratified"}, "resampling must be one of"),
+        ({"variance_estimate": "bootstrap"}, "variance_estimate must be one of"),
+        ({"resampling": "systematic"}, "needs resampling='multinomial'"),
     ],
 )
 def test_bad_options_are_refused(kwargs, message):
@@ -108,25 +111,31 @@ def test_bad_options_are_refused(kwargs, message):
 
 
 @pytest.mark.slow
-def test_a_pilot_removes_the_bias_per_datapoint():
-    # The AIS tests' poor guide, 40 datapoints, at AIS's cost (about 40,000 evaluations
-    # per datapoint). Adapted from their own particles, 25 x 8 replicates are biased low
-    # (mean error -0.085 per datapoint, benchmarks/RESULTS.md); with a pilot's schedule
-    # the total lies within 3 standard errors of the exact one.
+def test_a_pilot_and_the_single_run_variance_cover_each_datapoint():
+    # The AIS tests' poor guide, 40 datapoints, under AIS's cost (40,000 evaluations per
+    # datapoint): one replicate of 200 particles replaying a pilot's schedule, its
+    # standard error Lee & Whiteley's from that one run. benchmarks/smc_coverage.py
+    # measures 95-97.5% 2-s.e. coverage over four keys; here at least 34 of 40 (a
+    # binomial tail of 3% at 95%), and the total within 3 standard errors (that the
+    # adaptive run is biased is test_smc's).
     x = jnp.linspace(-3.0, 3.0, 40)
     exact = np.asarray(dist.Normal(0.0, 2**0.5).log_prob(x), np.float64)
     smc = TemperedSMC(
         local_model,
         local_guide_at(0.8, 0.4),
-        num_particles=25,
-        num_replicates=8,
+        num_particles=200,
+        num_replicates=1,
         num_moves=1,
+        leapfrog_steps=2,
+        local_spread=None,
+        target_ess=0.99,
         pilot=True,
     )
     est = smc(jax.random.key(0), x)
     assert float(np.mean(np.asarray(est.num_evaluations))) < 40_000
-    error = float(est.log_marginal) - exact.sum()
-    assert abs(error) < 3 * float(est.stderr), (error, float(est.stderr))
+    error = np.asarray(est.pointwise, np.float64) - exact
+    assert np.sum(np.abs(error) < 2 * np.asarray(est.pointwise_stderr)) >= 34
+    assert abs(error.sum()) < 3 * float(est.stderr), (error.sum(), float(est.stderr))
 
 
 def test_discrete_guide_draws_are_refused():

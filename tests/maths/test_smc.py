@@ -6,7 +6,13 @@ from jax.scipy.stats import norm
 import numpy as np
 import pytest
 
-from numpyro_iwae.maths.smc import next_temperature, systematic_indices, tempered_smc
+from numpyro_iwae.maths.smc import (
+    multinomial_indices,
+    next_temperature,
+    single_run_relative_variance,
+    systematic_indices,
+    tempered_smc,
+)
 
 # Three elements, each its own target exp(c) N(m, s^2) from the proposal N(0, 3^2).
 LOG_Z = jnp.array([2.0, -1.0, 0.5])
@@ -56,6 +62,54 @@ def test_systematic_resampling_counts_are_floor_or_ceiling_of_n_times_weight():
         assert np.all(counts >= np.floor(expected) - 1e-6) and np.all(
             counts <= np.ceil(expected) + 1e-6
         )
+
+
+def test_multinomial_resampling_draws_ancestors_with_their_weights():
+    w = jnp.array([[0.7, 0.1], [0.2, 0.0], [0.1, 0.9]])  # (3 particles, 2 elements)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    idx = jax.vmap(lambda k: multinomial_indices(k, jnp.log(w)))(keys)  # (4000, 3, 2)
+    for e in range(2):
+        freq = np.bincount(np.asarray(idx[:, :, e]).ravel(), minlength=3) / idx[:, :, e].size
+        # 12,000 draws: binomial standard errors below 0.0042.
+        np.testing.assert_allclose(freq, np.asarray(w[:, e]), atol=0.02)
+
+
+def test_single_run_variance_counts_each_eve_once():
+    # Two resampling steps, all four particles from Eve 0 and 1 alike: 1 - (4/3)^3 (1 -
+    # 2 (1/2)^2) = 1 - (64/27) / 2 = -5/27 (the unbiased estimate can be negative).
+    log_w = jnp.log(jnp.full((4, 1), 0.25))
+    eve = jnp.array([[0], [0], [1], [1]])
+    got = single_run_relative_variance(log_w, eve, jnp.array([2]))
+    np.testing.assert_allclose(got, [-5.0 / 27.0], rtol=1e-6)
+    # One Eve for all: the estimate of Z^2 is 0, Var / Z^2 = 1.
+    np.testing.assert_allclose(single_run_relative_variance(log_w, 0 * eve, jnp.array([2])), [1.0])
+
+
+@pytest.mark.slow
+def test_single_run_variance_matches_the_variance_over_runs():
+    # 4000 replayed runs of 8 particles (one schedule: Z-hat unbiased). Element 0
+    # resamples once, element 1 never, element 2 once. Under multinomial resampling
+    # the mean single-run estimate of Var(Z-hat) is the variance over runs (within 4
+    # standard errors of the difference); under systematic resampling it misses the
+    # count noise its N / (N - 1) factors expect and comes out low.
+    keys = jax.random.split(jax.random.key(3), 4000)
+
+    def over_runs(resampling):
+        schedule = run(jax.random.key(100), n=8, resampling=resampling).schedule
+        result = jax.jit(jax.vmap(lambda k: run(k, n=8, schedule=schedule, resampling=resampling)))(
+            keys
+        )
+        z = np.exp(np.asarray(result.log_z, np.float64) - np.asarray(LOG_Z, np.float64))
+        v = np.asarray(result.relative_variance, np.float64) * z**2
+        sq = (z - z.mean(0)) ** 2
+        se = np.sqrt((v.var(0) + sq.var(0)) / len(z))
+        return (v.mean(0) - sq.mean(0)) / se, np.asarray(schedule.resample).sum(0)
+
+    multinomial, resampled = over_runs("multinomial")
+    assert resampled.tolist() == [1, 0, 1]
+    assert np.all(np.abs(multinomial) < 4), multinomial
+    systematic, _ = over_runs("systematic")
+    assert systematic[0] < -4, systematic
 
 
 def test_exact_proposal_gives_the_normalizing_constant_at_every_schedule():
