@@ -253,6 +253,30 @@ def lax_map(fn: Callable, xs: Any) -> Any:
     return jax.lax.map(fn, xs)
 
 
+def chunked(vectorize: VectorizeFn, chunk: int) -> VectorizeFn:
+    """``vectorize`` (an ``f(fn, xs)`` particle map) applied ``chunk`` particles at a
+    time, one chunk after another (:func:`jax.lax.map` over the chunks; the last is
+    padded with repeats of the first particles, whose results are dropped). Each
+    particle's result is the one ``vectorize`` gives it alone.
+    """
+
+    def mapped(fn: Callable, xs: Any) -> Any:
+        n = jax.tree.leaves(xs)[0].shape[0]
+        if chunk >= n:
+            return vectorize(fn, xs)
+        num = -(-n // chunk)
+        pad = num * chunk - n
+
+        def split(x: jax.Array) -> jax.Array:
+            x = jnp.concatenate([x, x[:pad]]) if pad else x
+            return x.reshape((num, chunk) + x.shape[1:])
+
+        out = jax.lax.map(lambda c: vectorize(fn, c), jax.tree.map(split, xs))
+        return jax.tree.map(lambda y: y.reshape((num * chunk,) + y.shape[2:])[:n], out)
+
+    return mapped
+
+
 def num_shards(x: Any) -> int:
     """Into how many pieces an array is split across devices (1 if replicated)."""
     sharding = getattr(x, "sharding", None)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from numpyro_iwae._jax import Static, check_positive_int
+from numpyro_iwae._jax import Static, check_positive_int, chunked
 from numpyro_iwae.evaluators.annealed import annealed_setup, check_hmc_options
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
@@ -106,8 +106,11 @@ class TemperedSMC(Evaluator):
         of N particles where the replicates' spread has R - 1, and a 2-s.e. interval
         with few replicates covers as often as it says. ``"replicates"``: the sample
         variance of the R estimates over R.
-    :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood` (the N
-        particles of a replicate are held together; replicates run one after another).
+    :param memory_budget: bytes the model's intermediate arrays of a chunk of particles
+        may take (default 1 GiB; on CPU also at most 128 MiB): the densities and moves
+        run on chunks of that many particles one after another (``chunk_size_used``
+        records it); the N particles' states are held together (resampling needs them
+        all) and replicates run one after another.
     :param vectorize_particles: how particles are mapped (``True``: :func:`jax.vmap`).
 
     :raises ValueError: at construction for a bad option; when called, as
@@ -206,13 +209,27 @@ class TemperedSMC(Evaluator):
     ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
         density, (model_key, _), nan_data = annealed_setup(self, rng_key, values, dynamic, static)
 
+        def log_densities(u: dict) -> tuple[jax.Array, jax.Array]:
+            return density.log_densities(u, model_key)
+
+        def gradients(keys: jax.Array) -> dict:
+            # What a move holds per particle: the densities' gradient at a draw.
+            def one(key: jax.Array) -> dict:
+                return jax.grad(lambda u: jnp.sum(sum(log_densities(u))))(density.init(key))
+
+            return self._vectorize(one, keys)
+
+        probe = jax.random.split(jax.random.fold_in(rng_key, 5), self.num_particles)
+        chunk = self._auto_chunk(gradients, probe, self.num_particles)
+        map_particles = chunked(self._vectorize, chunk)
+
         def run(key: jax.Array, schedule: SMCSchedule | None = None) -> SMCResult:
             init_key, run_key = jax.random.split(key)
             u0 = self._vectorize(density.init, jax.random.split(init_key, self.num_particles))
             return tempered_smc(
                 run_key,
                 u0,
-                lambda u: density.log_densities(u, model_key),
+                log_densities,
                 density.element_sum,
                 density.element_expand,
                 target_ess=self.target_ess,
@@ -225,6 +242,7 @@ class TemperedSMC(Evaluator):
                 gap_fraction=self.gap_fraction,
                 schedule=schedule,
                 resampling=self.resampling,
+                map_particles=map_particles,
             )
 
         schedule, pilot_temperatures = None, 0.0

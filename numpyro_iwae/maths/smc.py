@@ -239,6 +239,7 @@ def tempered_smc(
     gap_fraction: float = GAP_FRACTION,
     schedule: SMCSchedule | None = None,
     resampling: str = "multinomial",
+    map_particles: Callable[[Callable, Any], Any] | None = None,
 ) -> SMCResult:
     r"""One adaptive tempered SMC run per element from particles ``u0`` drawn from q.
 
@@ -282,11 +283,22 @@ def tempered_smc(
     :param resampling: ``"multinomial"`` (each ancestor drawn independently: the run's
         ``relative_variance`` is then unbiased) or ``"systematic"`` (one uniform per
         element; Kitagawa 1996).
+    :param map_particles: ``f(fn, xs)`` mapping a function of one particle over the
+        leading axis of ``xs`` for the densities and the moves (default
+        :func:`jax.vmap`; a chunked map bounds the model's intermediate arrays to a
+        chunk of particles, the particles themselves are held together).
     """
     if resampling not in RESAMPLING:
         raise ValueError(f"resampling must be one of {sorted(RESAMPLING)}, got {resampling!r}.")
     resample_indices = RESAMPLING[resampling]
-    densities = jax.vmap(log_densities)
+    if map_particles is None:
+
+        def map_particles(fn: Callable, xs: Any) -> Any:
+            return jax.vmap(fn)(xs)
+
+    def densities(u: Any) -> tuple[jax.Array, jax.Array]:
+        return map_particles(log_densities, u)
+
     log_q0, log_p0 = densities(u0)
     n = log_q0.shape[0]
     elements = log_q0.shape[1:]
@@ -310,12 +322,13 @@ def tempered_smc(
             return (1.0 - beta) * log_q + beta * log_p
 
         def transition(v: Any, key: jax.Array, spread: float | None) -> tuple:
-            def one(key: jax.Array, v: Any) -> tuple:
+            def one(key_v: tuple) -> tuple:
+                key, v = key_v
                 return hmc_transition(
                     key, v, log_gamma, eps, num_leapfrog, element_sum, element_expand, spread
                 )
 
-            v, accept = jax.vmap(one)(jax.random.split(key, n), v)
+            v, accept = map_particles(one, (jax.random.split(key, n), v))
             return v, jnp.mean(accept, axis=0)
 
         spreads = (None,) if local_spread is None else (None, local_spread)
