@@ -87,18 +87,19 @@ def test_single_run_variance_counts_each_eve_once():
 
 @pytest.mark.slow
 def test_single_run_variance_matches_the_variance_over_runs():
-    # 4000 replayed runs of 8 particles (one schedule: Z-hat unbiased). Element 0
-    # resamples once, element 1 never, element 2 once. Under multinomial resampling
-    # the mean single-run estimate of Var(Z-hat) is the variance over runs (within 4
-    # standard errors of the difference); under systematic resampling it misses the
-    # count noise its N / (N - 1) factors expect and comes out low.
+    # 4000 replayed runs of 8 particles (one schedule: Z-hat unbiased), each element
+    # resampling as its schedule says (element 1 never: its proposal is nearly its
+    # target). Under multinomial resampling the mean single-run estimate of Var(Z-hat)
+    # is the variance over runs (within 4 standard errors of the difference); under
+    # systematic resampling it misses the count noise its N / (N - 1) factors expect
+    # and comes out low where the run resampled.
     keys = jax.random.split(jax.random.key(3), 4000)
 
     def over_runs(resampling):
         schedule = run(jax.random.key(100), n=8, resampling=resampling).schedule
-        result = jax.jit(jax.vmap(lambda k: run(k, n=8, schedule=schedule, resampling=resampling)))(
-            keys
-        )
+        result = jax.jit(
+            jax.vmap(lambda k: run(k, n=8, schedule=schedule, resampling=resampling))
+        )(keys)
         z = np.exp(np.asarray(result.log_z, np.float64) - np.asarray(LOG_Z, np.float64))
         v = np.asarray(result.relative_variance, np.float64) * z**2
         sq = (z - z.mean(0)) ** 2
@@ -106,10 +107,10 @@ def test_single_run_variance_matches_the_variance_over_runs():
         return (v.mean(0) - sq.mean(0)) / se, np.asarray(schedule.resample).sum(0)
 
     multinomial, resampled = over_runs("multinomial")
-    assert resampled.tolist() == [1, 0, 1]
-    assert np.all(np.abs(multinomial) < 4), multinomial
-    systematic, _ = over_runs("systematic")
-    assert systematic[0] < -4, systematic
+    assert resampled.max() >= 1, resampled
+    assert np.all(np.abs(multinomial) < 4), (multinomial, resampled)
+    systematic, resampled = over_runs("systematic")
+    assert np.min(systematic[resampled > 0]) < -4, (systematic, resampled)
 
 
 def test_exact_proposal_gives_the_normalizing_constant_at_every_schedule():
