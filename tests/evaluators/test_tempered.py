@@ -139,29 +139,27 @@ def test_a_pilot_and_the_single_run_variance_cover_each_datapoint():
 
 
 def test_a_small_memory_budget_moves_the_particles_in_chunks():
-    # 50 particles in chunks (16 and 6 on jax 0.10, the last chunk padded): the same
-    # particles and moves, so the same estimates up to float32 rounding.
+    # 50 particles in chunks (of 6 on jax 0.10, the last one padded): the same particles
+    # and moves, so the same estimates up to float32 rounding.
     def smc(budget):
         return TemperedSMC(
             local_model,
             local_guide_at(0.8, 0.4),
             num_particles=50,
-            num_replicates=2,
+            num_replicates=1,
             num_moves=1,
+            leapfrog_steps=2,
+            local_spread=None,
             memory_budget=budget,
         )
 
     whole = smc(2**30)
     expected = whole(jax.random.key(0), X)
-    assert whole.chunk_size_used == 50
-    chunks = []
-    for budget in (4000, 1500):
-        chunked = smc(budget)
-        est = chunked(jax.random.key(0), X)
-        chunks.append(chunked.chunk_size_used)
-        np.testing.assert_allclose(est.pointwise, expected.pointwise, atol=1e-3)
-        np.testing.assert_allclose(est.pointwise_stderr, expected.pointwise_stderr, atol=1e-3)
-    assert 50 > chunks[0] > chunks[1], chunks
+    chunked = smc(1500)
+    est = chunked(jax.random.key(0), X)
+    assert whole.chunk_size_used == 50 and 50 % chunked.chunk_size_used, chunked.chunk_size_used
+    np.testing.assert_allclose(est.pointwise, expected.pointwise, atol=1e-3)
+    np.testing.assert_allclose(est.pointwise_stderr, expected.pointwise_stderr, atol=1e-3)
 
 
 def test_discrete_guide_draws_are_refused():

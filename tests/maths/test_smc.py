@@ -97,9 +97,9 @@ def test_single_run_variance_matches_the_variance_over_runs():
 
     def over_runs(resampling):
         schedule = run(jax.random.key(100), n=8, resampling=resampling).schedule
-        result = jax.jit(
-            jax.vmap(lambda k: run(k, n=8, schedule=schedule, resampling=resampling))
-        )(keys)
+        result = jax.jit(jax.vmap(lambda k: run(k, n=8, schedule=schedule, resampling=resampling)))(
+            keys
+        )
         z = np.exp(np.asarray(result.log_z, np.float64) - np.asarray(LOG_Z, np.float64))
         v = np.asarray(result.relative_variance, np.float64) * z**2
         sq = (z - z.mean(0)) ** 2
