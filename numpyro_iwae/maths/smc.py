@@ -103,20 +103,35 @@ def next_temperature(
     return jnp.where(done, 1.0, beta + low)
 
 
+def _inverse_cdf(log_w: jax.Array, points: jax.Array) -> jax.Array:
+    """For each point in [0, 1), per element, the first particle whose cumulative
+    normalized weight exceeds it: ``(N, *elements)`` indices for points shaped alike.
+    """
+    n = log_w.shape[0]
+    elements = log_w.shape[1:]
+    cdf = jnp.cumsum(jnp.exp(log_w - logsumexp(log_w, axis=0)), axis=0)
+    flat_cdf = cdf.reshape(n, -1).T
+    flat_points = points.reshape(n, -1).T
+    idx = jax.vmap(jnp.searchsorted)(flat_cdf, flat_points)
+    return jnp.minimum(idx.T.reshape((n,) + elements), n - 1)
+
+
 def systematic_indices(key: jax.Array, log_w: jax.Array) -> jax.Array:
     """Systematic resampling per element: ``(N, *elements)`` ancestor indices for the
     normalized log weights ``log_w`` (one uniform per element; Kitagawa 1996).
     """
     n = log_w.shape[0]
-    elements = log_w.shape[1:]
-    cdf = jnp.cumsum(jnp.exp(log_w - logsumexp(log_w, axis=0)), axis=0)
-    offsets = jax.random.uniform(key, elements)
-    points = (jnp.arange(n).reshape((n,) + (1,) * len(elements)) + offsets) / n
-    # For each point, the first particle whose cumulative weight exceeds it.
-    flat_cdf = cdf.reshape(n, -1).T
-    flat_points = points.reshape(n, -1).T
-    idx = jax.vmap(jnp.searchsorted)(flat_cdf, flat_points)
-    return jnp.minimum(idx.T.reshape((n,) + elements), n - 1)
+    offsets = jax.random.uniform(key, log_w.shape[1:])
+    grid = jnp.arange(n).reshape((n,) + (1,) * (log_w.ndim - 1))
+    return _inverse_cdf(log_w, (grid + offsets) / n)
+
+
+def multinomial_indices(key: jax.Array, log_w: jax.Array) -> jax.Array:
+    r"""Multinomial resampling per element: ``(N, *elements)`` ancestor indices, each
+    drawn independently with the normalized weights ``exp(log_w)`` (N uniforms through
+    the inverse of the weights' cumulative sum: :math:`O(N \log N)` per element).
+    """
+    return _inverse_cdf(log_w, jax.random.uniform(key, log_w.shape))
 
 
 def single_run_relative_variance(
@@ -156,17 +171,6 @@ def single_run_relative_variance(
     coincide = jnp.sum(groups**2, axis=1).reshape(log_w.shape[1:])
     factor = jnp.exp((num_resampled + 1) * jnp.log(n / (n - 1)))
     return 1.0 - factor * (1.0 - coincide)
-
-
-def multinomial_indices(key: jax.Array, log_w: jax.Array) -> jax.Array:
-    """Multinomial resampling per element: ``(N, *elements)`` ancestor indices, each
-    drawn independently with the normalized weights ``exp(log_w)``.
-    """
-    n = log_w.shape[0]
-    flat = log_w.reshape(n, -1).T
-    keys = jax.random.split(key, flat.shape[0])
-    idx = jax.vmap(lambda k, lw: jax.random.categorical(k, lw, shape=(n,)))(keys, flat)
-    return idx.T.reshape(log_w.shape)
 
 
 RESAMPLING = {"multinomial": multinomial_indices, "systematic": systematic_indices}
