@@ -231,7 +231,9 @@ def hmc_transition(
             2 * local_spread**2
         )
     log_accept = jnp.where(jnp.isnan(log_ratio), -jnp.inf, jnp.minimum(log_ratio, 0.0))
-    accept = jnp.log(jax.random.uniform(keys[0], jnp.shape(h0))) < log_accept
+    # U < a rather than log U < log a: U in [0, 1) is exactly 0 once in 2^23 draws, and
+    # log 0 = -inf would accept any finite move, however improbable.
+    accept = jax.random.uniform(keys[0], jnp.shape(h0)) < jnp.exp(log_accept)
     chosen = jax.tree.map(
         lambda a, new, old: jnp.where(a, new, old), element_expand(accept, u), v, u
     )

@@ -109,10 +109,17 @@ def _inverse_cdf(log_w: jax.Array, points: jax.Array) -> jax.Array:
     """
     n = log_w.shape[0]
     elements = log_w.shape[1:]
-    cdf = jnp.cumsum(jnp.exp(log_w - logsumexp(log_w, axis=0)), axis=0)
+    cumulative = jnp.cumsum(jnp.exp(log_w - jnp.max(log_w, axis=0)), axis=0)
+    # Divided by its own last entry the CDF ends at exactly 1 (a float32 sum of the
+    # normalized weights may end below it, and the points above would fall to the last
+    # particle whatever its weight); counting the entries <= the point (side="right")
+    # never picks a particle of zero weight, a point of exactly 0 included. Points are
+    # kept below 1 (systematic ones, (i + U) / N, round up to 1 in float32).
+    cdf = cumulative / cumulative[-1]
+    below_one = jnp.nextafter(jnp.ones((), cdf.dtype), jnp.zeros((), cdf.dtype))
     flat_cdf = cdf.reshape(n, -1).T
-    flat_points = points.reshape(n, -1).T
-    idx = jax.vmap(jnp.searchsorted)(flat_cdf, flat_points)
+    flat_points = jnp.minimum(points, below_one).reshape(n, -1).T
+    idx = jax.vmap(lambda c, p: jnp.searchsorted(c, p, side="right"))(flat_cdf, flat_points)
     return jnp.minimum(idx.T.reshape((n,) + elements), n - 1)
 
 

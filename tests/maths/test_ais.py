@@ -156,3 +156,27 @@ def test_hmc_transition_leaves_the_target_invariant(spread):
         (jnp.mean(v_after > 1.5), 0.1587, math.sqrt(0.1587 * 0.8413 / n)),
     ):
         assert abs(float(stat) - exact) < 4 * stderr, (float(stat), exact, stderr)
+
+
+def test_a_uniform_draw_of_zero_accepts_no_improbable_move(monkeypatch):
+    # jax.random.uniform is exactly 0 once in 2^23 draws; a run of tens of millions of
+    # transitions meets it. Tested as log U < log a, that draw accepted a funnel move of
+    # log acceptance -61,546 (a particle thrown to v = 319, its weight then dominating).
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape=(), *a, **k: jnp.zeros(shape))
+    u = {"z": jnp.array([0.3, -0.2])}
+
+    def log_density(u):
+        return -0.5 * jnp.sum(u["z"] ** 2)
+
+    # A step of 50 on a unit Gaussian: the trajectory's energy grows by ~1e10.
+    moved, prob = hmc_transition(
+        jax.random.key(0),
+        u,
+        log_density,
+        jnp.asarray(50.0),
+        5,
+        lambda t: jnp.sum(t["z"]),
+        lambda a, t: {"z": jnp.broadcast_to(a, t["z"].shape)},
+    )
+    assert float(prob) == 0.0
+    np.testing.assert_array_equal(moved["z"], u["z"])

@@ -180,3 +180,19 @@ def test_a_fixed_schedule_makes_the_estimate_unbiased():
     replayed = ratio(jax.jit(jax.vmap(lambda k: run(k, n=8, schedule=schedule).log_z))(keys))
     assert np.max(np.abs(adaptive)) > 5, adaptive
     assert np.all(np.abs(replayed) < 4), replayed
+
+
+@pytest.mark.parametrize("resample", [multinomial_indices, systematic_indices])
+@pytest.mark.parametrize("point", [0.0, float(np.nextafter(np.float32(1), np.float32(0)))])
+def test_resampling_never_draws_a_particle_of_zero_weight(monkeypatch, resample, point):
+    # The uniform points at their extremes: exactly 0 (once in 2^23 draws) and the largest
+    # float32 below 1, above where a float32 sum of 1,000 normalized weights ends. The
+    # first and last particles have zero weight.
+    monkeypatch.setattr(
+        jax.random, "uniform", lambda key, shape=(), *a, **k: jnp.full(shape, point)
+    )
+    w = np.random.default_rng(2).exponential(size=(1000, 1)).astype(np.float32)
+    w[0] = w[-1] = 0.0
+    log_w = jnp.log(jnp.asarray(w / w.sum()))
+    idx = np.asarray(resample(jax.random.key(0), log_w))
+    assert idx.min() >= 1 and idx.max() <= 998, (idx.min(), idx.max())
