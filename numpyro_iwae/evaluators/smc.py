@@ -99,10 +99,9 @@ class TemperedSMC(Evaluator):
         replicate its temperatures, resampling steps, step sizes and mass matrices.
         Adapted from its own particles, each replicate's :math:`\hat Z` is biased, by
         roughly :math:`1/N` and in either direction; replaying a schedule fixed in
-        advance makes it unbiased (one run more in ``num_evaluations``), but not
-        robust: a replicate whose particles go where the pilot's did not (a funnel's
-        neck) can take temperature steps far too large for them and swamp the others
-        (read ``ess``).
+        advance makes it unbiased (one run more in ``num_evaluations``). A replicate
+        whose particles go where the pilot's did not is weighted with the pilot's
+        steps, not its own (read ``ess``, the replicates' effective number).
     :param resampling: ``"multinomial"`` (each ancestor drawn independently) or
         ``"systematic"`` (one uniform per element, Kitagawa 1996).
     :param variance_estimate: ``"single_run"``: each replicate's own estimate of

@@ -221,6 +221,10 @@ class SMCResult(NamedTuple):
         relative_variance: the run's own estimate of
             :math:`\mathrm{Var}(\hat Z) / \hat Z^2` per element
             (:func:`single_run_relative_variance`).
+        log_increments: step ``t``'s term of :math:`\log \hat Z`, :math:`\log
+            \hat Z_{\beta_t} / \hat Z_{\beta_{t-1}}`, ``(max_temperatures, *elements)``
+            (0 past an element's last step): where along the path the estimate accrued,
+            to hold against exact values where they are known.
 
     """
 
@@ -231,6 +235,7 @@ class SMCResult(NamedTuple):
     acceptance: jax.Array
     schedule: SMCSchedule
     relative_variance: jax.Array
+    log_increments: jax.Array
 
 
 def tempered_smc(
@@ -382,7 +387,8 @@ def tempered_smc(
             new_beta = schedule.betas[steps]
         delta = new_beta - beta
         increment = logsumexp(log_w + delta * ratio, axis=0)
-        log_z = log_z + jnp.where(delta > 0, increment, 0.0)
+        increment = jnp.where(delta > 0, increment, 0.0)
+        log_z = log_z + increment
         log_w = log_w + delta * ratio
         log_w = log_w - logsumexp(log_w, axis=0)
         indices = resample_indices(k_resample, log_w)
@@ -410,12 +416,13 @@ def tempered_smc(
         else:
             eps = schedule.step_sizes[steps]
             scale = jax.tree.map(lambda leaf: leaf[steps], schedule.scales)
-        betas, resampled, step_sizes, scales = record
+        betas, resampled, step_sizes, scales, increments = record
         record = (
             betas.at[steps].set(new_beta),
             resampled.at[steps].set(resample),
             step_sizes.at[steps].set(eps),
             jax.tree.map(lambda rows, leaf: rows.at[steps].set(leaf), scales, scale),
+            increments.at[steps].set(increment),
         )
         u, eps, accept = move(k_move, u, new_beta, eps, scale)
         active = delta > 0
@@ -442,6 +449,7 @@ def tempered_smc(
         jnp.zeros((rows, *elements), bool),
         jnp.zeros((rows, *elements)),
         jax.tree.map(lambda leaf: jnp.ones((rows, *leaf.shape), leaf.dtype), one),
+        jnp.zeros((rows, *elements)),
     )
     carry = (
         zeros,
@@ -461,7 +469,7 @@ def tempered_smc(
         jax.lax.while_loop(unfinished, step, carry)
     )
     log_z = jnp.where(beta < 1.0, jnp.nan, log_z)
-    used = SMCSchedule(*record, num_steps=steps)
+    used = SMCSchedule(*record[:4], num_steps=steps)
     acceptance = accept_sum / jnp.maximum(counts, 1)
     relative_variance = single_run_relative_variance(log_w, eve, num_resampled)
-    return SMCResult(log_z, counts, u, log_w, acceptance, used, relative_variance)
+    return SMCResult(log_z, counts, u, log_w, acceptance, used, relative_variance, record[4])

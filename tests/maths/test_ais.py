@@ -161,7 +161,8 @@ def test_hmc_transition_leaves_the_target_invariant(spread):
 def test_a_uniform_draw_of_zero_accepts_no_improbable_move(monkeypatch):
     # jax.random.uniform is exactly 0 once in 2^23 draws; a run of tens of millions of
     # transitions meets it. Tested as log U < log a, that draw accepted a funnel move of
-    # log acceptance -61,546 (a particle thrown to v = 319, its weight then dominating).
+    # log acceptance -61,546 (a particle thrown from v = -1.4 to v = 169; its weight swamped
+    # the run).
     monkeypatch.setattr(jax.random, "uniform", lambda key, shape=(), *a, **k: jnp.zeros(shape))
     u = {"z": jnp.array([0.3, -0.2])}
 

@@ -126,6 +126,12 @@ def test_exact_proposal_gives_the_normalizing_constant_at_every_schedule():
     result = tempered_smc(jax.random.key(1), u0, exact, element_sum, element_expand)
     np.testing.assert_allclose(result.log_z, LOG_Z, rtol=1e-5)
     np.testing.assert_array_equal(result.num_temperatures, 11)
+    # Each step's increment is its share of the path, (beta_t - beta_{t-1}) log Z.
+    betas = jnp.concatenate([jnp.zeros((1, 3)), result.schedule.betas[:11]])
+    np.testing.assert_allclose(
+        result.log_increments[:11], jnp.diff(betas, axis=0) * LOG_Z, rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_array_equal(result.log_increments[11:], 0.0)
 
 
 @pytest.mark.slow
