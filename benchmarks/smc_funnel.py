@@ -61,6 +61,11 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--pilot", action="store_true", help="TemperedSMC(pilot=True): replicates replay a pilot"
     )
+    parser.add_argument(
+        "--noncentred",
+        action="store_true",
+        help="TemperedSMC(noncentred=('x',)): the moves run on x / exp(v / 2)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "smc_funnel.json")
     args = parser.parse_args(argv)
     funnel = load_example("funnel").funnel
@@ -85,6 +90,7 @@ def main(argv=None) -> dict:
             target_ess=args.target_ess,
             gap_fraction=args.gap_fraction,
             pilot=args.pilot,
+            noncentred=("x",) if args.noncentred else (),
         )
         est, seconds = timed(smc, jax.random.key(1))
         evaluations = float(est.num_evaluations)
@@ -110,8 +116,8 @@ def main(argv=None) -> dict:
                 flush=True,
             )
 
-        pilot = " pilot" if args.pilot else ""
-        record("SMC", est, seconds, f"N={args.particles} R={args.replicates}{pilot}", evaluations)
+        options = (" pilot" if args.pilot else "") + (" noncentred" if args.noncentred else "")
+        record("SMC", est, seconds, f"N={args.particles} R={args.replicates}{options}", evaluations)
         if args.smc_only:
             continue
         per_particle = args.ais_leapfrog + 3

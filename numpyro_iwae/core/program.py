@@ -235,7 +235,8 @@ def check_sites(model_trace: Trace, guide_trace: Trace) -> None:
             )
 
 
-def _base_distribution(fn: Any) -> Any:
+def base_distribution(fn: Any) -> Any:
+    """A site's distribution under its wrappers (Independent, Expanded, Masked)."""
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
     return fn
@@ -243,7 +244,7 @@ def _base_distribution(fn: Any) -> Any:
 
 def is_delta(fn: Any) -> bool:
     """Whether a site's distribution is a ``Delta`` (under any wrappers)."""
-    return type(_base_distribution(fn)).__name__ == "Delta"
+    return type(base_distribution(fn)).__name__ == "Delta"
 
 
 def point_mass_sites(
