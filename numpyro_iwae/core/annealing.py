@@ -145,7 +145,8 @@ class NonCentredDensity:
     :param names: the sites to hold non-centred: guide draws of real support whose
         model distribution has a ``loc`` and a ``scale``.
     :param key: a key for a prototype run of the model.
-    :raises ValueError: for a name that is not such a site.
+    :raises ValueError: for a name that is not such a site, and for a guide with point
+        masses (their values would not reach the model's loc and scale).
     """
 
     def __init__(self, density: AnnealedDensity, names: Sequence[str], key: jax.Array) -> None:
@@ -155,6 +156,16 @@ class NonCentredDensity:
             raise ValueError(
                 f"noncentred names {unknown}, which are not continuous random draws of the "
                 f"guide; those are {sorted(density.sites)}."
+            )
+        guide_sites = sample_sites(density.program.trace_guide(density.values, key))
+        point_masses = sorted(
+            n for n, s in guide_sites.items() if not s["is_observed"] and is_delta(s["fn"])
+        )
+        if point_masses:
+            raise ValueError(
+                f"noncentred moves recompute the model's loc and scale from the guide's random "
+                f"draws alone, but the guide also sets {point_masses} as point masses; use a "
+                "guide whose latent sites are all random draws (AutoNormal, say)."
             )
         tr = self._model_trace(density.init(key), key)
         for name in self.names:

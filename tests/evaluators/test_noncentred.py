@@ -103,5 +103,12 @@ def test_sites_that_cannot_be_non_centred_are_refused():
             TemperedSMC(scale_model, scale_guide, num_particles=4, noncentred=names)(
                 jax.random.key(0)
             )
+
+    def delta_guide():
+        numpyro.sample("s", dist.Delta(1.0))
+        numpyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="point masses"):
+        TemperedSMC(scale_model, delta_guide, num_particles=4, noncentred=("z",))(jax.random.key(0))
     with pytest.raises(TypeError, match=r"write \('z',\)"):
         TemperedSMC(scale_model, scale_guide, noncentred="z")
