@@ -179,7 +179,6 @@ class NonCentredDensity:
                     f"{type(base).__name__} on {fn.support}; only loc-scale families on the "
                     "real line (Normal, StudentT, Cauchy, Laplace, ...) can be non-centred."
                 )
-        self.sites, self.transforms = density.sites, density.transforms
         self.element_sum, self.element_expand = density.element_sum, density.element_expand
 
     def _model_trace(self, draws: dict[str, jax.Array], key: jax.Array, noncentred=None):
