@@ -59,6 +59,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-is-draws", type=int, default=20_000_000)
     parser.add_argument("--smc-only", action="store_true")
     parser.add_argument(
+        "--keys",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="PRNG keys of the SMC runs (the AIS and IS rows use the first)",
+    )
+    parser.add_argument(
         "--pilot", action="store_true", help="TemperedSMC(pilot=True): replicates replay a pilot"
     )
     parser.add_argument(
@@ -92,11 +99,17 @@ def main(argv=None) -> dict:
             pilot=args.pilot,
             noncentred=("x",) if args.noncentred else (),
         )
-        est, seconds = timed(smc, jax.random.key(1))
-        evaluations = float(est.num_evaluations)
+        runs = [(key, *timed(smc, jax.random.key(key))) for key in args.keys]
+        evaluations = float(runs[0][1].num_evaluations)
 
         def record(
-            method: str, est, seconds: float, config: str, cost: float, name: str = name
+            method: str,
+            est,
+            seconds: float,
+            config: str,
+            cost: float,
+            name: str = name,
+            key: int = args.keys[0],
         ) -> None:
             row = {
                 "fit": name,
@@ -106,6 +119,7 @@ def main(argv=None) -> dict:
                 "log_z": float(est.log_marginal),
                 "stderr": float(est.stderr),
                 "k_hat": float(est.k_hat),
+                "key": key,
                 "seconds_with_compile": seconds,
             }
             rows.append(row)
@@ -117,7 +131,9 @@ def main(argv=None) -> dict:
             )
 
         options = (" pilot" if args.pilot else "") + (" noncentred" if args.noncentred else "")
-        record("SMC", est, seconds, f"N={args.particles} R={args.replicates}{options}", evaluations)
+        config = f"N={args.particles} R={args.replicates}{options}"
+        for key, est, seconds in runs:
+            record("SMC", est, seconds, config, float(est.num_evaluations), key=key)
         if args.smc_only:
             continue
         per_particle = args.ais_leapfrog + 3
@@ -131,11 +147,16 @@ def main(argv=None) -> dict:
             leapfrog_steps=args.ais_leapfrog,
         )
         cost = float(args.ais_particles * steps * per_particle)
-        record("AIS", *timed(ais, jax.random.key(1)), f"K={args.ais_particles} T={steps}", cost)
+        record(
+            "AIS",
+            *timed(ais, jax.random.key(args.keys[0])),
+            f"K={args.ais_particles} T={steps}",
+            cost,
+        )
         # Importance sampling holds one key per particle, so it is capped.
         draws = min(int(evaluations), args.max_is_draws)
         is_ = MarginalLikelihood(funnel, guide, params=params, num_particles=draws)
-        record("IS", *timed(is_, jax.random.key(1)), f"K={draws}", float(draws))
+        record("IS", *timed(is_, jax.random.key(args.keys[0])), f"K={draws}", float(draws))
     print(f"load average at start {load:.2f}")
     result = {
         "load_average": load,

@@ -36,7 +36,7 @@ from numpyro_iwae.core.program import Program, base_distribution, draw_data, is_
 from numpyro_iwae.core.stages import model_stage
 from numpyro_iwae.maths.layout import plate_layout
 
-__all__ = ["AnnealedDensity", "NonCentredDensity"]
+__all__ = ["AnnealedDensity", "Density", "NonCentredDensity"]
 
 
 class AnnealedDensity:
@@ -209,8 +209,14 @@ class NonCentredDensity:
 
     def init(self, key: jax.Array) -> dict[str, jax.Array]:
         """One particle's draws from the guide, non-centred where named."""
-        u = self.density.init(key)
-        tr = self._model_trace(u, jax.random.fold_in(key, 1))
+        return self.noncentre(self.density.init(key), jax.random.fold_in(key, 1))
+
+    def noncentre(self, u: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+        r"""The state of the guide's draws ``u`` (unconstrained): the named sites as
+        :math:`(z - \mathrm{loc}) / \mathrm{scale}`, the rest as they are; the inverse
+        of :meth:`centred`.
+        """
+        tr = self._model_trace(u, key)
         w = dict(u)
         for n in self.names:
             base = base_distribution(tr[n]["fn"])
@@ -232,3 +238,8 @@ class NonCentredDensity:
     def values_at(self, w: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
         """The model's latent values at state ``w``."""
         return self.density.values_at(self.centred(w, jax.random.fold_in(key, 1))[0], key)
+
+
+#: What the annealed evaluators move: the guide's draws, or those with some sites
+#: non-centred.
+Density = AnnealedDensity | NonCentredDensity

@@ -11,13 +11,14 @@ as importance sampling's particles (:mod:`~numpyro_iwae.evaluators.importance`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from numpyro_iwae._jax import Static, check_positive_int
-from numpyro_iwae.core.annealing import AnnealedDensity
+from numpyro_iwae.core.annealing import AnnealedDensity, Density, NonCentredDensity
 from numpyro_iwae.core.draw import log_weights_with_keys, split_keys
 from numpyro_iwae.core.plates import PlateStructure
 from numpyro_iwae.core.program import Program
@@ -29,6 +30,8 @@ from numpyro_iwae.maths.bounds import nan_to_neginf
 __all__ = [
     "AnnealedImportanceSampling",
     "check_hmc_options",
+    "check_noncentred",
+    "moved_density",
     "annealed_run",
     "annealed_setup",
     "pilot_step_sizes",
@@ -45,6 +48,26 @@ def check_hmc_options(
     if not float(step_size) > 0:
         raise ValueError(f"step_size must be positive, got {step_size!r}.")
     return leapfrog_steps, float(step_size), check_positive_int(pilot_particles, "pilot_particles")
+
+
+def check_noncentred(noncentred: Sequence[str]) -> tuple[str, ...]:
+    """The ``noncentred`` option of an annealed evaluator, checked: a sequence of site
+    names (a bare string, one name spelled as its letters, is refused).
+    """
+    if isinstance(noncentred, str):
+        raise TypeError(f"noncentred takes site names; for one site write ({noncentred!r},).")
+    if not all(isinstance(n, str) for n in noncentred):
+        raise TypeError(f"noncentred must be a sequence of site names, got {noncentred!r}.")
+    return tuple(noncentred)
+
+
+def moved_density(density: AnnealedDensity, noncentred: tuple[str, ...], key: jax.Array) -> Density:
+    """The density whose state the moves see: ``density`` itself, or with the sites
+    named in ``noncentred`` held non-centred
+    (:class:`~numpyro_iwae.core.annealing.NonCentredDensity`, checked with a prototype
+    run keyed by ``key``).
+    """
+    return NonCentredDensity(density, noncentred, key) if noncentred else density
 
 
 def annealed_setup(
@@ -66,7 +89,7 @@ def annealed_setup(
 
 
 def annealed_run(
-    density: AnnealedDensity,
+    density: Density,
     model_key: jax.Array,
     run_key: jax.Array,
     u0: dict,
@@ -93,7 +116,7 @@ def annealed_run(
 
 
 def pilot_step_sizes(
-    density: AnnealedDensity,
+    density: Density,
     model_key: jax.Array,
     key: jax.Array,
     betas: jax.Array,
@@ -125,6 +148,8 @@ class AnnealedImportanceSampling(ImportanceSampling):
         adapts it per transition and per plate element towards an acceptance of 0.65,
         and the kept runs use those sizes fixed, so their weights stay unbiased.
     :param pilot_particles: particles of the pilot run (its weights are discarded).
+    :param noncentred: loc-scale sites the moves hold non-centred
+        (:class:`~numpyro_iwae.core.annealing.NonCentredDensity`).
     """
 
     name: ClassVar[str] = "annealed importance sampling"
@@ -135,11 +160,13 @@ class AnnealedImportanceSampling(ImportanceSampling):
         leapfrog_steps: int = 5,
         step_size: float = 0.1,
         pilot_particles: int = 16,
+        noncentred: Sequence[str] = (),
     ) -> None:
         self.annealing_steps = check_positive_int(annealing_steps, "annealing_steps")
         self.leapfrog_steps, self.step_size, self.pilot_particles = check_hmc_options(
             leapfrog_steps, step_size, pilot_particles
         )
+        self.noncentred = check_noncentred(noncentred)
 
     def particles(
         self,
@@ -155,7 +182,9 @@ class AnnealedImportanceSampling(ImportanceSampling):
         weights stay unbiased). NaN data is found by one importance-sampling draw.
         """
         nan_data = chunk_log_w(key[None])[2]  # (1, *plates) flags, as a chunk has
-        density = AnnealedDensity(program, values, structure, key[1])
+        density = moved_density(
+            AnnealedDensity(program, values, structure, key[1]), self.noncentred, key[1]
+        )
         betas = sigmoid_schedule(self.annealing_steps + 1)
 
         pilot_key = jax.random.fold_in(key[0], 7)

@@ -22,6 +22,7 @@ standard error measures the chains' spread only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 import warnings
 
@@ -35,6 +36,8 @@ from numpyro_iwae.evaluators.annealed import (
     annealed_run,
     annealed_setup,
     check_hmc_options,
+    check_noncentred,
+    moved_density,
     pilot_step_sizes,
 )
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
@@ -101,6 +104,9 @@ class _ReverseAnnealing(Evaluator):
                 "AutoContinuous guides draw '_auto_latent')."
             )
         u_star = {n: t.inv(self.latents[n]) for n, t in density.transforms.items()}
+        if owner.noncentred:
+            density = moved_density(density, owner.noncentred, model_key)
+            u_star = density.noncentre(u_star, model_key)
         betas = sigmoid_schedule(owner.annealing_steps + 1)
         pilot_key = jax.random.fold_in(rng_key, 7)
         step_sizes = pilot_step_sizes(
@@ -169,6 +175,9 @@ class BidirectionalMC:
         transition, as :class:`~numpyro_iwae.MarginalLikelihood` does, and both
         directions use the result.
     :param pilot_particles: runs of the pilot.
+    :param noncentred: loc-scale sites whose moves run non-centred, both ways, as
+        :class:`~numpyro_iwae.MarginalLikelihood`'s ``noncentred``: the reverse runs
+        start from the simulated latents in those coordinates.
     :param memory_budget: as for :class:`~numpyro_iwae.MarginalLikelihood`.
     :param vectorize_particles: how particles are mapped (``True``: :func:`jax.vmap`).
 
@@ -205,6 +214,7 @@ class BidirectionalMC:
         leapfrog_steps: int = 5,
         step_size: float = 0.1,
         pilot_particles: int = 16,
+        noncentred: Sequence[str] = (),
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         vectorize_particles: Any = True,
     ) -> None:
@@ -217,6 +227,7 @@ class BidirectionalMC:
         self.leapfrog_steps, self.step_size, self.pilot_particles = check_hmc_options(
             leapfrog_steps, step_size, pilot_particles
         )
+        self.noncentred = check_noncentred(noncentred)
         self.memory_budget = check_positive_int(memory_budget, "memory_budget")
         self._vectorize = vectorize_particles
 
@@ -246,6 +257,7 @@ class BidirectionalMC:
             leapfrog_steps=self.leapfrog_steps,
             step_size=self.step_size,
             pilot_particles=self.pilot_particles,
+            noncentred=self.noncentred,
             memory_budget=self.memory_budget,
             vectorize_particles=self._vectorize,
         )(lower_key, *args, **kwargs)

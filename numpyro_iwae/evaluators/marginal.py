@@ -12,7 +12,7 @@ better as arguments of one call than as a class hierarchy to choose from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +23,11 @@ from numpyro_iwae.core.plan import choose_weighting, plan
 from numpyro_iwae.core.plates import WEIGHTINGS
 from numpyro_iwae.core.pointwise import draws_with_log_likelihood
 from numpyro_iwae.core.program import Program
-from numpyro_iwae.evaluators.annealed import AnnealedImportanceSampling, check_hmc_options
+from numpyro_iwae.evaluators.annealed import (
+    AnnealedImportanceSampling,
+    check_hmc_options,
+    check_noncentred,
+)
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.importance import ImportanceSampling
 from numpyro_iwae.evaluators.nested import NestedImportanceSampling
@@ -135,6 +139,12 @@ class MarginalLikelihood(Evaluator):
         weights stay unbiased.
     :param pilot_particles: particles of the pilot run (default 16; its weights
         are discarded).
+    :param noncentred: with ``annealing_steps``, names of loc-scale sites (guide draws on
+        the real line) whose HMC moves run non-centred, on :math:`(z - \mathrm{loc}) /
+        \mathrm{scale}` (:class:`~numpyro_iwae.core.annealing.NonCentredDensity`): for a
+        site whose scale follows another latent (a funnel, a hierarchical model's group
+        effects). What is estimated is unchanged; each evaluation runs the model once
+        more. Refused without ``annealing_steps`` (importance sampling has no moves).
     :param num_draws: S further draws from the guide, independent of the K particles and
         not resampled, kept with :math:`\log p(x, z_s)`, :math:`\log q(z_s)` and each
         observed site's per-observation log-likelihood
@@ -184,6 +194,7 @@ class MarginalLikelihood(Evaluator):
         leapfrog_steps: int = 5,
         step_size: float = 0.1,
         pilot_particles: int = 16,
+        noncentred: Sequence[str] = (),
         num_draws: int | None = None,
     ) -> None:
         super().__init__(
@@ -218,11 +229,22 @@ class MarginalLikelihood(Evaluator):
         self.leapfrog_steps, self.step_size, self.pilot_particles = check_hmc_options(
             leapfrog_steps, step_size, pilot_particles
         )
+        self.noncentred = check_noncentred(noncentred)
+        if self.noncentred and self.annealing_steps is None:
+            raise ValueError(
+                "noncentred sets the coordinates of the annealing's HMC moves; importance "
+                "sampling (annealing_steps=None) has none. Give annealing_steps, or leave "
+                "noncentred=()."
+            )
         self._joint: ImportanceSampling = (
             ImportanceSampling()
             if self.annealing_steps is None
             else AnnealedImportanceSampling(
-                self.annealing_steps, self.leapfrog_steps, self.step_size, self.pilot_particles
+                self.annealing_steps,
+                self.leapfrog_steps,
+                self.step_size,
+                self.pilot_particles,
+                self.noncentred,
             )
         )
         self._local = NestedImportanceSampling(

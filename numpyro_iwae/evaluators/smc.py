@@ -32,8 +32,12 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from numpyro_iwae._jax import Static, check_positive_int, chunked
-from numpyro_iwae.core.annealing import NonCentredDensity
-from numpyro_iwae.evaluators.annealed import annealed_setup, check_hmc_options
+from numpyro_iwae.evaluators.annealed import (
+    annealed_setup,
+    check_hmc_options,
+    check_noncentred,
+    moved_density,
+)
 from numpyro_iwae.evaluators.base import DEFAULT_MEMORY_BUDGET, Evaluator
 from numpyro_iwae.evaluators.results import LogMarginalEstimate, standard_errors
 from numpyro_iwae.maths.smc import (
@@ -217,11 +221,7 @@ class TemperedSMC(Evaluator):
                 "variance_estimate='replicates' with systematic resampling."
             )
         self.variance_estimate = variance_estimate
-        if isinstance(noncentred, str):
-            raise TypeError(f"noncentred takes site names; for one site write ({noncentred!r},).")
-        if not all(isinstance(n, str) for n in noncentred):
-            raise TypeError(f"noncentred must be a sequence of site names, got {noncentred!r}.")
-        self.noncentred = tuple(noncentred)
+        self.noncentred = check_noncentred(noncentred)
 
     def __call__(self, rng_key: jax.Array, *args: Any, **kwargs: Any) -> LogMarginalEstimate:
         """Estimate ``log p(x)`` for the data in ``args``/``kwargs``.
@@ -234,8 +234,7 @@ class TemperedSMC(Evaluator):
         self, rng_key: jax.Array, values: dict, dynamic: list, static: Static
     ) -> tuple[LogMarginalEstimate, dict[str, jax.Array]]:
         density, (model_key, _), nan_data = annealed_setup(self, rng_key, values, dynamic, static)
-        if self.noncentred:
-            density = NonCentredDensity(density, self.noncentred, model_key)
+        density = moved_density(density, self.noncentred, model_key)
 
         def log_densities(u: dict) -> tuple[jax.Array, jax.Array]:
             return density.log_densities(u, model_key)
