@@ -73,6 +73,11 @@ def main(argv=None) -> dict:
         action="store_true",
         help="TemperedSMC(noncentred=('x',)): the moves run on x / exp(v / 2)",
     )
+    parser.add_argument(
+        "--ais-noncentred",
+        action="store_true",
+        help="MarginalLikelihood(annealing_steps=T, noncentred=('x',)) for the AIS rows",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "smc_funnel.json")
     args = parser.parse_args(argv)
     funnel = load_example("funnel").funnel
@@ -145,12 +150,13 @@ def main(argv=None) -> dict:
             num_particles=args.ais_particles,
             annealing_steps=steps,
             leapfrog_steps=args.ais_leapfrog,
+            noncentred=("x",) if args.ais_noncentred else (),
         )
         cost = float(args.ais_particles * steps * per_particle)
         record(
             "AIS",
             *timed(ais, jax.random.key(args.keys[0])),
-            f"K={args.ais_particles} T={steps}",
+            f"K={args.ais_particles} T={steps}" + (" noncentred" if args.ais_noncentred else ""),
             cost,
         )
         # Importance sampling holds one key per particle, so it is capped.

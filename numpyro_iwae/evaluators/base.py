@@ -191,10 +191,12 @@ class Evaluator:
         program = Program(self.model, self.guide, args, kwargs)
         return estimate._replace(data_digest=observed_digest(program, values, rng_key))
 
-    def _auto_chunk(self, chunk_log_w: Callable, keys: jax.Array, num_particles: int) -> int:
-        """The largest chunk whose particles fit in ``memory_budget`` (on CPU also in
-        :data:`CPU_WORKING_SET`): the peak size of two particles' arrays less one
-        particle's (what one more particle adds).
+    def _auto_chunk(
+        self, chunk_log_w: Callable, keys: jax.Array, num_particles: int, reserved: int = 0
+    ) -> int:
+        """The largest chunk whose particles fit in ``memory_budget`` less ``reserved``
+        bytes held elsewhere (on CPU also in :data:`CPU_WORKING_SET`): the peak size of
+        two particles' arrays less one particle's (what one more particle adds).
         """
         if num_particles == 1:
             return 1
@@ -202,7 +204,7 @@ class Evaluator:
         per_particle = max(two - one, one // 2, 1)
         # Per device: the data and (with shard_particles) the particles are split.
         shards = self._data_shards * getattr(self._vectorize, "num_shards", 1)
-        limit = self.memory_budget
+        limit = max(self.memory_budget - reserved, 1)
         if jax.default_backend() == "cpu":
             limit = min(limit, CPU_WORKING_SET)
         chunk = int(min(num_particles, max(1, limit * shards // per_particle)))

@@ -155,11 +155,36 @@ def test_a_small_memory_budget_moves_the_particles_in_chunks():
 
     whole = smc(2**30)
     expected = whole(jax.random.key(0), X)
-    chunked = smc(1500)
+    # The budget holds the states (12 copies of 50 particles' 6 floats) and 1500 bytes.
+    chunked = smc(12 * 50 * D * 4 + 1500)
     est = chunked(jax.random.key(0), X)
     assert whole.chunk_size_used == 50 and 50 % chunked.chunk_size_used, chunked.chunk_size_used
     np.testing.assert_allclose(est.pointwise, expected.pointwise, atol=1e-3)
     np.testing.assert_allclose(est.pointwise_stderr, expected.pointwise_stderr, atol=1e-3)
+
+
+def test_states_beyond_the_memory_budget_are_refused_with_a_slice_size():
+    # 100 datapoints of 50 latents, 200 particles: 12 copies of 4 MB of states.
+    x = jnp.zeros((100, 50))
+
+    def wide_model(x):
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([50]).to_event(1))
+            numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def wide_guide(x):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(0.0, 1.0).expand([50]).to_event(1))
+
+    held = 12 * 200 * 100 * 50 * 4
+    smc = TemperedSMC(wide_model, wide_guide, num_particles=200, memory_budget=held // 4)
+    with pytest.raises(ValueError, match="slices of 12 of these 100 plate elements"):
+        smc(jax.random.key(0), x)
+    # One element (no plate): fewer particles or a larger budget.
+    with pytest.raises(ValueError, match="use fewer particles or raise memory_budget"):
+        TemperedSMC(model, guide_at(0.0, 1.0), num_particles=200, memory_budget=1000)(
+            jax.random.key(0), X
+        )
 
 
 def test_discrete_guide_draws_are_refused():
