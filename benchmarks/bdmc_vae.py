@@ -112,6 +112,7 @@ def main(argv=None) -> dict:
         f"N={args.smc_particles} R={args.smc_replicates}": {
             "num_particles": args.smc_particles,
             "num_replicates": args.smc_replicates,
+            "pilot": False,  # the recorded "defaults" row adapted each replicate
         }
     }
     if args.smc_light_particles:

@@ -37,14 +37,14 @@ HERE = Path(__file__).resolve().parent
 X = jnp.linspace(-3.0, 3.0, 40)
 EXACT = np.asarray(dist.Normal(0.0, math.sqrt(2.0)).log_prob(X), np.float64)
 LADDER = tuple(
-    {"num_particles": n, "num_replicates": r, "num_moves": 1}
+    {"num_particles": n, "num_replicates": r, "num_moves": 1, "pilot": False}
     for n, r in ((12, 4), (25, 4), (50, 4), (100, 4), (200, 4), (25, 8), (12, 16))
 )
 # Moves that suit this Gaussian posterior: one transition of 2 leapfrog steps per
 # temperature, at the many small temperature steps of a CESS target of 0.99.
 LIGHT = {"num_moves": 1, "leapfrog_steps": 2, "local_spread": None, "target_ess": 0.99}
 CONFIGS = (
-    {"num_particles": 50, "num_replicates": 4, "num_moves": 1},
+    {"num_particles": 50, "num_replicates": 4, "num_moves": 1, "pilot": False},
     {"num_particles": 25, "num_replicates": 8, "num_moves": 1, "pilot": True},
     {"num_particles": 16, "num_replicates": 12, "num_moves": 1, "pilot": True},
     {"num_particles": 50, "num_replicates": 4, "pilot": True, **LIGHT},

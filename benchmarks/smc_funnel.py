@@ -66,7 +66,9 @@ def main(argv=None) -> dict:
         help="PRNG keys of the SMC runs (the AIS and IS rows use the first)",
     )
     parser.add_argument(
-        "--pilot", action="store_true", help="TemperedSMC(pilot=True): replicates replay a pilot"
+        "--pilot",
+        action="store_true",
+        help="replicates replay a pilot (TemperedSMC's default); without it each adapts",
     )
     parser.add_argument(
         "--noncentred",

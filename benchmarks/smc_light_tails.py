@@ -53,6 +53,7 @@ def main(argv=None) -> dict:
             num_particles=args.particles,
             num_replicates=args.replicates,
             gap_fraction=gap_fraction,
+            pilot=False,  # the recorded rows adapted each replicate
         )
 
     cost = float(smc(0.5)(jax.random.key(0)).num_evaluations)

@@ -16,9 +16,9 @@ schedule. R independent replicates give
 
 with the delta-method standard error of the replicates' mean, its variance estimated
 from each run's own particle genealogy (Lee & Whiteley 2018, *Variance estimation in the
-particle filter*) or from the spread between replicates; :math:`\hat p` is unbiased when
-the replicates replay the schedule of a pilot run (``pilot=True``), and biased by
-roughly :math:`1/N` when each adapts from its own particles.
+particle filter*) or from the spread between replicates; :math:`\hat p` is unbiased:
+the replicates replay the schedule of a pilot run (``pilot=True``, the default), where
+each adapting from its own particles would bias it by roughly :math:`1/N`.
 """
 
 from __future__ import annotations
@@ -73,12 +73,10 @@ class TemperedSMC(Evaluator):
     The defaults are for posteriors whose scale varies (a funnel): few tempering steps,
     each with long moves and a state-dependent step size. Where the posterior has one
     scale (a VAE's latents, a linear-Gaussian model), many small steps with cheap moves
-    and a pilot do better at equal cost: ``pilot=True, num_replicates=1, num_moves=1,
-    leapfrog_steps=2, local_spread=None, target_ess=0.99`` (the docs' evidence page
-    compares both against AIS). Where a site's scale follows another latent, name it in
-    ``noncentred`` and use a pilot: the HMC moves cross a funnel's neck slowly in the
-    model's own coordinates, and a run adapted from its own particles is a little low at
-    every temperature.
+    do better at equal cost: ``num_replicates=1, num_moves=1, leapfrog_steps=2,
+    local_spread=None, target_ess=0.99`` (the docs' evidence page compares both against
+    AIS). Where a site's scale follows another latent, name it in ``noncentred``: the
+    HMC moves cross a funnel's neck slowly in the model's own coordinates.
 
     :param model: NumPyro model.
     :param guide: NumPyro guide with continuous random draws (the particles move by HMC).
@@ -111,10 +109,11 @@ class TemperedSMC(Evaluator):
         tails open only near :math:`\beta = 1`, where no particle is yet to show it
         (0: the CESS alone decides).
     :param pilot: first run one adaptive pass (its estimate unused) and give every
-        replicate its temperatures, resampling steps, step sizes and mass matrices.
-        Adapted from its own particles, each replicate's :math:`\hat Z` is biased, by
-        roughly :math:`1/N` and in either direction; replaying a schedule fixed in
-        advance makes it unbiased (one run more in ``num_evaluations``). A replicate
+        replicate its temperatures, resampling steps, step sizes and mass matrices
+        (default). Adapted from its own particles (``False``), each replicate's
+        :math:`\hat Z` is biased, by roughly :math:`1/N`, on the models measured low;
+        replaying a schedule fixed in advance makes it unbiased (one run more in
+        ``num_evaluations``). A replicate
         whose particles go where the pilot's did not is weighted with the pilot's
         steps, not its own (read ``ess``, the replicates' effective number).
     :param resampling: ``"multinomial"`` (each ancestor drawn independently) or
@@ -182,7 +181,7 @@ class TemperedSMC(Evaluator):
         max_temperatures: int = 1000,
         local_spread: float | None = LOCAL_SPREAD,
         gap_fraction: float = GAP_FRACTION,
-        pilot: bool = False,
+        pilot: bool = True,
         resampling: str = "multinomial",
         variance_estimate: str = "single_run",
         noncentred: Sequence[str] = (),

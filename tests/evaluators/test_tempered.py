@@ -43,9 +43,9 @@ def local_guide_at(loc_shift, scale):
 
 
 def test_exact_guide_gives_the_evidence_exactly():
-    est = TemperedSMC(model, guide_at(0.0, 0.5**0.5), num_particles=50, num_replicates=2)(
-        jax.random.key(0), X
-    )
+    est = TemperedSMC(
+        model, guide_at(0.0, 0.5**0.5), num_particles=50, num_replicates=2, pilot=False
+    )(jax.random.key(0), X)
     np.testing.assert_allclose(float(est.log_marginal), EXACT, rtol=1e-5)
     assert float(est.stderr) < 1e-5 and np.isnan(float(est.k_hat))
     assert est.data_digest is not None
@@ -53,10 +53,10 @@ def test_exact_guide_gives_the_evidence_exactly():
     # first densities, then per temperature the weights' densities and 5 sweeps of two
     # 5-step transitions (6 gradients each), for 50 particles x 2 replicates.
     assert float(est.num_evaluations) == 50 * 2 * (1 + 11 * (1 + 5 * 2 * 6))
-    # A pilot run gives the replicates its schedule and costs one run more.
-    piloted = TemperedSMC(
-        model, guide_at(0.0, 0.5**0.5), num_particles=50, num_replicates=2, pilot=True
-    )(jax.random.key(0), X)
+    # A pilot run (the default) gives the replicates its schedule and costs one run more.
+    piloted = TemperedSMC(model, guide_at(0.0, 0.5**0.5), num_particles=50, num_replicates=2)(
+        jax.random.key(0), X
+    )
     np.testing.assert_allclose(float(piloted.log_marginal), EXACT, rtol=1e-5)
     assert float(piloted.num_evaluations) == 50 * 3 * (1 + 11 * (1 + 5 * 2 * 6))
 
