@@ -42,6 +42,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--particles", type=int, default=250)
     parser.add_argument("--replicates", type=int, default=4)
     parser.add_argument("--ais-particles", type=int, default=100)
+    parser.add_argument(
+        "--pilot",
+        action="store_true",
+        help="replicates replay a pilot (TemperedSMC's default); the recorded "
+        "smc_light_tails.json adapted each replicate",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "smc_light_tails.json")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
@@ -53,7 +59,7 @@ def main(argv=None) -> dict:
             num_particles=args.particles,
             num_replicates=args.replicates,
             gap_fraction=gap_fraction,
-            pilot=False,  # the recorded rows adapted each replicate
+            pilot=args.pilot,
         )
 
     cost = float(smc(0.5)(jax.random.key(0)).num_evaluations)
