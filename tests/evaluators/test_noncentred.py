@@ -67,17 +67,14 @@ def test_the_funnel_evidence_is_unchanged():
 
 def test_annealed_importance_sampling_reaches_the_funnel_evidence_non_centred():
     # The guide misses the neck (v ~ N(-1, 0.5^2)), log Z = 0. The same runs in the
-    # model's coordinates end confidently low (-0.31 +- 0.05 at this key): the moves
-    # cannot follow x's scale down the neck.
-    def ais(noncentred):
-        return MarginalLikelihood(
-            funnel, funnel_guide, num_particles=100, annealing_steps=300, noncentred=noncentred
-        )(jax.random.key(1))
-
-    est, centred = ais(("x",)), ais(())
+    # model's coordinates end low (jax 0.10.2, keys 0-2: -0.13 +- 0.06, -0.31 +- 0.05,
+    # -0.26 +- 0.05): the moves cannot follow x's scale down the neck. Not asserted:
+    # whether one key's centred run is confidently wrong depends on the random stream.
+    est = MarginalLikelihood(
+        funnel, funnel_guide, num_particles=100, annealing_steps=300, noncentred=("x",)
+    )(jax.random.key(1))
     assert abs(float(est.log_marginal)) < 3 * float(est.stderr), (est.log_marginal, est.stderr)
     assert float(est.stderr) < 0.15
-    assert float(centred.log_marginal) < -3 * float(centred.stderr), centred
 
 
 # mu ~ N(0, 1), theta_j ~ N(mu, 2^2), y_j ~ N(theta_j, 1): y ~ N(0, 11^T + 5 I).
