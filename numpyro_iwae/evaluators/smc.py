@@ -23,7 +23,7 @@ each adapting from its own particles would bias it by roughly :math:`1/N`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import math
 from typing import Any
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from numpyro_iwae._jax import Static, check_positive_int, chunked
+from numpyro_iwae.core.annealing import Density
 from numpyro_iwae.evaluators.annealed import (
     annealed_setup,
     check_hmc_options,
@@ -113,9 +114,9 @@ class TemperedSMC(Evaluator):
         (default). Adapted from its own particles (``False``), each replicate's
         :math:`\hat Z` is biased, by roughly :math:`1/N`, on the models measured low;
         replaying a schedule fixed in advance makes it unbiased (one run more in
-        ``num_evaluations``). A replicate
-        whose particles go where the pilot's did not is weighted with the pilot's
-        steps, not its own (read ``ess``, the replicates' effective number).
+        ``num_evaluations``). A replicate whose particles go where the pilot's did not
+        is weighted with the pilot's steps, not its own (read ``ess``, the replicates'
+        effective number).
     :param resampling: ``"multinomial"`` (each ancestor drawn independently) or
         ``"systematic"`` (one uniform per element, Kitagawa 1996).
     :param variance_estimate: ``"single_run"``: each replicate's own estimate of
@@ -136,14 +137,14 @@ class TemperedSMC(Evaluator):
         model are unchanged, and so is what is estimated; each evaluation runs the model
         once more.
     :param memory_budget: bytes a run may hold (default 1 GiB): the N particles' states,
-        held together (resampling needs them all; about 12 copies
-        during a move), and in what remains the model's intermediate arrays of a chunk
-        of particles (on CPU also at most 128 MiB): the densities and moves run on
-        chunks of that many particles one after another (``chunk_size_used`` records
-        it), and replicates one after another. A run whose states alone exceed it is
-        refused, with the number of plate elements per call that would fit: each
-        element runs its own particle system, so scoring the data in slices changes
-        nothing but the memory.
+        held together (resampling needs them all; about 12 copies during a move), and
+        in what remains the model's intermediate arrays of a chunk of particles (on
+        CPU also at most 128 MiB): the densities and moves run on chunks of that many
+        particles one after another (``chunk_size_used`` records it), and replicates
+        one after another. A run whose states alone exceed it is refused, with the
+        number of plate elements per call whose states take half of it: each element
+        runs its own particle system, so scoring the data in slices changes nothing
+        but the memory.
     :param vectorize_particles: how particles are mapped (``True``: :func:`jax.vmap`).
 
     :raises ValueError: at construction for a bad option; when called, as
@@ -305,7 +306,9 @@ class TemperedSMC(Evaluator):
         estimate = replicate_estimate(log_z, single_run)
         return estimate._replace(num_evaluations=evaluations), nan_data
 
-    def _held_state_bytes(self, density: Any, log_densities: Any, key: jax.Array) -> int:
+    def _held_state_bytes(
+        self, density: Density, log_densities: Callable[[dict], tuple], key: jax.Array
+    ) -> int:
         """The bytes of the states a run holds (``HELD_STATE_COPIES`` copies of the
         N particles'); a run whose states would not fit ``memory_budget`` is refused,
         saying how many plate elements per call would.
